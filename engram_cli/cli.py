@@ -1,0 +1,127 @@
+"""The ``engram`` command: a Typer app whose commands live in ``engram_cli.commands``.
+
+Errors: an :class:`~engram_cli.errors.EngramError` raised by the library, or a usage error from
+the option parser, is printed as ONE red line on stderr (problem, then the fix) and the process
+exits with status 1. ``ENGRAM_DEBUG=1`` re-raises instead, showing the traceback. This is done in
+:class:`EngramGroup.main`, which both the console script and Typer's ``CliRunner`` go through.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+from engram_cli import __version__
+from engram_cli.errors import EngramError
+
+
+def _parser_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """The parser's exception class ``name``: Typer ≥ 0.20 vendors click, older ones use it."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_USAGE_ERRORS = _parser_exceptions("UsageError")
+_CLICK_ERRORS = _parser_exceptions("ClickException")
+_ABORTS = _parser_exceptions("Abort")
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("ENGRAM_DEBUG", "") not in ("", "0")
+
+
+def print_error(message: str, hint: str | None = None) -> None:
+    """One red line on stderr: ``error: <problem> — <fix>``."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    line = f"[bold red]error:[/] [red]{escape(message)}[/]"
+    if hint:
+        line += f" [dim]—[/] {escape(hint)}"
+    Console(stderr=True, soft_wrap=True, highlight=False).print(line)
+
+
+class EngramGroup(TyperGroup):
+    """Typer group that turns user errors into one line + exit 1 (see module docstring)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except EngramError as e:
+            if debug_enabled():
+                raise
+            print_error(e.message, e.hint)
+            rv = 1
+        except _USAGE_ERRORS as e:
+            if debug_enabled():
+                raise
+            path = e.ctx.command_path if getattr(e, "ctx", None) is not None else "engram"
+            print_error(e.format_message().replace("\n", " "), f"see `{path} --help`")
+            rv = 1
+        except _CLICK_ERRORS as e:
+            print_error(e.format_message())
+            rv = 1
+        except _ABORTS:
+            print_error("aborted")
+            rv = 1
+        except KeyboardInterrupt:
+            print_error("interrupted; artifacts already written are intact")
+            rv = 130
+        code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=EngramGroup,
+    name="engram",
+    help="Build and analyze Engram tables: conditional N-gram memory for LLMs (arXiv 2601.07372).\n\n"
+    "The pipeline: normalize-vocab → build-tables → train → inspect-gates; each stage's output "
+    "directory is the next one's input.",
+    epilog="Example: engram normalize-vocab --out out/vocab",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"engram {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Build and analyze Engram tables."""
+
+
+def _register() -> None:
+    from engram_cli.commands import COMMANDS, examples_epilog
+
+    for name, module, func in COMMANDS:
+        app.command(name, epilog=examples_epilog(module.EXAMPLES))(func)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,23 @@
+"""One module per ``engram`` command; each is a thin layer over one library function.
+
+A command parses options, builds the library's config object, calls the library function with a
+progress callback that draws Rich bars on stderr, and renders the returned result object (Rich
+tables on stdout, or JSON with ``--json``). No numeric work happens here. Heavy libraries are
+imported inside the command functions so that ``engram --help`` stays fast.
+
+Each command module defines ``EXAMPLES``: (command line, what it does) pairs shown in ``--help``.
+"""
+
+from types import ModuleType
+
+from engram_cli.commands import normalize_vocab
+
+#: (command name, module, function) in pipeline order
+COMMANDS: list[tuple[str, ModuleType, object]] = [
+    ("normalize-vocab", normalize_vocab, normalize_vocab.normalize_vocab_command),
+]
+
+
+def examples_epilog(examples: list[tuple[str, str]]) -> str:
+    """Format a module's EXAMPLES as a help epilog (one paragraph per example)."""
+    return "[bold]Examples[/]\n\n" + "\n\n".join(f"  [cyan]{cmd}[/]  [dim]# {what}[/]" for cmd, what in examples)

@@ -1,0 +1,85 @@
+"""Rendering helpers for commands: consoles, progress bars, readable token text, JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import unicodedata
+from typing import Any
+
+from rich.console import Console
+
+#: results go to stdout; progress and logs to stderr
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", " ": "␣"}
+
+
+def show_token(text: str, max_len: int = 40) -> str:
+    """Readable form of a token's text: whitespace and control characters made visible."""
+    parts = []
+    for ch in text:
+        if ch in _ESCAPES:
+            parts.append(_ESCAPES[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cn"):
+            parts.append(f"\\u{ord(ch):04x}")
+        else:
+            parts.append(ch)
+    s = "".join(parts)
+    return s if len(s) <= max_len else s[: max_len - 1] + "…"
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+class RichProgress:
+    """A ``ProgressFn`` that draws one Rich progress bar per task on stderr.
+
+    Use as a context manager; ``info`` keyword figures are shown after the bar, and a
+    ``rate_key`` (e.g. ``tokens``) also gets a per-second rate.
+    """
+
+    def __init__(self, enabled: bool = True, rate_key: str | None = None):
+        self.enabled = enabled and not err.is_dumb_terminal
+        self.rate_key = rate_key
+        self._tasks: dict[str, int] = {}
+        self._t0: dict[str, float] = {}
+        self._progress = None
+
+    def __enter__(self) -> "RichProgress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn(),
+                                      TextColumn("{task.fields[info]}"), console=err, transient=False)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def __call__(self, task: str, completed: float, total: float | None = None, **info: Any) -> None:
+        if self._progress is None:
+            return
+        if task not in self._tasks:
+            self._tasks[task] = self._progress.add_task(task, total=total, info="")
+            self._t0[task] = time.perf_counter()
+        text = "  ".join(f"{k}={_fmt(v)}" for k, v in info.items())
+        if self.rate_key and self.rate_key in info:
+            dt = max(time.perf_counter() - self._t0[task], 1e-9)
+            text += f"  {_fmt(info[self.rate_key] / dt)} {self.rate_key}/s"
+        self._progress.update(self._tasks[task], completed=completed, total=total, info=text)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v)
