@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The main job: the whole engram pipeline on the bundled sample data.
+#
+#   bash scripts/pipeline.sh [OUT_DIR]      (default out/sample; needs scripts/setup.sh first)
+#
+# Each stage's output directory is the next one's input. Reruns replace earlier outputs (--force).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-out/sample}"
+ENGRAM="${ENGRAM_VENV:-.venv}/bin/engram"
+mkdir -p "$OUT"
+
+echo "== 1/1 normalize-vocab: canonicalize the DeepSeek 128k vocabulary" >&2
+"$ENGRAM" normalize-vocab --out "$OUT/vocab" --force
+
+echo >&2
+echo "== done. Artifacts:" >&2
+for d in "$OUT"/*/; do
+    printf '  %-28s %s\n' "$d" "$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(m["format"], {k: v for k, v in m["summary"].items() if not isinstance(v, (list, dict))})' "$d/manifest.json")"
+done

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create a virtual environment and install engram into it.
+#
+#   bash scripts/setup.sh          # the project and what the pipeline needs
+#   bash scripts/setup.sh --test   # also what the test suite needs
+#
+# The venv is ./.venv (override with ENGRAM_VENV=DIR). PyTorch is chosen for the machine before
+# the project is installed, so that pip never pulls a multi-GB CUDA build onto a CPU machine:
+#   1. a torch already in the venv is kept;
+#   2. a local wheel of torch==$ENGRAM_TORCH_VERSION (pip's find-links) is used when there is one;
+#   3. with an NVIDIA driver (nvidia-smi), the default PyPI build, which bundles CUDA;
+#   4. otherwise the CPU-only build from PyTorch's CPU index.
+# ENGRAM_TORCH_INDEX=URL forces an index (e.g. https://download.pytorch.org/whl/cu128).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${ENGRAM_VENV:-.venv}"
+TORCH_VERSION="${ENGRAM_TORCH_VERSION:-2.13.0}"
+EXTRA=""
+[[ "${1:-}" == "--test" ]] && EXTRA="[test]"
+
+[[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check -q)
+
+if "$PY" -c "import torch" 2>/dev/null; then
+    echo "setup: keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')" >&2
+elif [[ -n "${ENGRAM_TORCH_INDEX:-}" ]]; then
+    "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url "$ENGRAM_TORCH_INDEX"
+elif "${PIP[@]}" install --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
+    echo "setup: torch $TORCH_VERSION from a local wheel" >&2
+elif command -v nvidia-smi >/dev/null 2>&1; then
+    "${PIP[@]}" install "torch==$TORCH_VERSION"
+else
+    "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+fi
+
+"${PIP[@]}" install -e ".$EXTRA" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+"$PY" -c "import engram_cli, torch; print(f'setup: engram {engram_cli.__version__} with torch {torch.__version__} in $VENV')" >&2

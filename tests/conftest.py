@@ -1,0 +1,39 @@
+"""Shared fixtures: the real DeepSeek tokenizer and its vocab artifact, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data"
+
+os.environ.setdefault("COLUMNS", "120")  # stable Rich rendering in CliRunner output
+os.environ.pop("ENGRAM_DEBUG", None)
+
+
+@pytest.fixture(scope="session")
+def deepseek():
+    """The bundled DeepSeek 128k tokenizer (LoadedTokenizer)."""
+    from engram_cli.tokenizer import load_tokenizer
+
+    return load_tokenizer("deepseek")
+
+
+@pytest.fixture(scope="session")
+def vocab_dir(tmp_path_factory) -> Path:
+    """An ``engram.vocab`` artifact of the DeepSeek tokenizer with all steps on."""
+    from engram_cli.vocab import NormalizeVocabConfig, normalize_vocab
+
+    out = tmp_path_factory.mktemp("vocab") / "vocab"
+    normalize_vocab(NormalizeVocabConfig(out=out, ablation=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def vocab(vocab_dir):
+    from engram_cli.vocab import load_vocab
+
+    return load_vocab(vocab_dir)
