@@ -138,3 +138,22 @@ def test_failed_run_leaves_previous_artifact_intact(tmp_path, vocab_dir):
         normalize_vocab(NormalizeVocabConfig(out=out, tokenizer=str(tmp_path / "missing.json"), force=True))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+@pytest.mark.parametrize("steps", [NormalizeSteps(), NormalizeSteps(lowercase=False),
+                                   NormalizeSteps(whitespace=False), NormalizeSteps(nfkc=False, strip_accents=False)])
+def test_batched_normalization_equals_per_token_reference(deepseek, steps):
+    from engram_cli.vocab import canonical_keys_reference
+
+    texts, raw = decode_vocabulary(deepseek)
+    assert canonical_keys(texts, raw, steps) == canonical_keys_reference(texts, raw, steps)
+
+
+def test_separator_handles_combining_marks_and_sigma():
+    # a lone combining mark must not compose with the previous token; final sigma is per token
+    texts = ["e", "\u0301", "ΑΣ", "Σ", " ", "  x  ", "\t\n"]
+    raw = list(texts)
+    from engram_cli.vocab import canonical_keys_reference
+
+    for steps in [NormalizeSteps(), NormalizeSteps(strip_accents=False)]:
+        assert canonical_keys(texts, raw, steps) == canonical_keys_reference(texts, raw, steps)
