@@ -1,0 +1,658 @@
+"""A small decoder-only MoE Transformer with Engram conditional memory.
+
+Follows "Conditional Memory via Scalable Lookup: A New Axis of Sparsity for Large Language Models"
+(Cheng et al., DeepSeek-AI & Peking University, arXiv 2601.07372). The backbone is a pre-norm
+Transformer (RMSNorm, causal self-attention with RoPE) whose feed-forward layers are
+DeepSeekMoE-style mixtures of SwiGLU experts (routed experts + always-active shared experts).
+At the blocks named in the table plan (``plan.layer_ids``, 0-based block indices) an Engram module
+runs *before* the block's attention (paper Section 2):
+
+1. Retrieval: the canonical token ids are hashed into per-(order, head) slots by
+   :func:`engram_cli.hashing.hash_ngrams` (the one hashing function of this project, see
+   docs/hashing.md); each slot indexes an embedding table of prime size, and all heads of all
+   N-gram orders are concatenated into the memory vector ``e_t``.
+2. Context-aware gating: ``k_t = W_K e_t``, ``v_t = W_V e_t``,
+   ``s_t = RMSNorm(h_t) . RMSNorm(k_t) / sqrt(d)``, ``alpha_t = sigmoid(sign(s_t) sqrt|s_t|)``,
+   gated value ``v~_t = alpha_t v_t``.
+3. A depthwise causal convolution: ``Y = V~ + SiLU(Conv1D(RMSNorm(V~)))`` (kernel 4, dilation =
+   the largest N-gram order), added to the residual stream.
+
+Everything is in dependency order: norm -> RoPE -> attention -> dense FFN -> router, experts,
+load-balancing loss, MoE (+ its plain-loop reference) -> Engram -> block -> config -> model ->
+parameter accounting. Shapes are written beside the code: B batch, T time, C model width,
+hc hyper-connection branches, H Engram heads (all orders), D per-head memory width, E experts,
+k experts per token, N = B*T tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engram_cli.errors import ConfigError, InputError
+from engram_cli.hashing import hash_ngrams
+
+if TYPE_CHECKING:  # only for annotations; the plan object is built by engram_cli.hashing
+    from engram_cli.hashing import TablePlan
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalization and rotary position embedding
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension with a learned gain.
+
+    ``shape`` is the gain's shape: ``(C,)`` for the usual norm, ``(hc, C)`` for one independent
+    norm per hyper-connection branch (the same as ``hc`` separate ``RMSNorm(C)`` modules, applied
+    to a (..., hc, C) tensor in one call).
+    """
+
+    def __init__(self, *shape: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(*shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # computed in float32 so that bf16 activations do not lose the small mean-square
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def rope_cache(head_dim: int, block_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (block_size, head_dim/2) for rotary embeddings (Su et al., RoFormer)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hd) by position; the two halves of the head dim form the 2-D pairs."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # (B, nh, T, hd/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hd/2), broadcast over B and nh
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with RoPE on queries and keys."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+# ----------------------------------------------------------------------------------------------
+# Feed-forward: a dense SwiGLU FFN, and the mixture of experts built from the same expert shape
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate x) * up x)``.
+
+    Used for the shared experts, and as the dense reference a one-expert MoE must reproduce.
+    """
+
+    def __init__(self, n_embd: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(n_embd, hidden, bias=False)
+        self.up = nn.Linear(n_embd, hidden, bias=False)
+        self.down = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Router(nn.Module):
+    """Token-choice top-k router.
+
+    Returns ``(scores, topk_weights, topk_indices)``: the softmax over all E routed experts
+    (N, E) in float32, and for each token the k largest scores (N, k) with their expert ids (N, k).
+    As in DeepSeekMoE (Dai et al. 2024) the gate of a chosen expert is its softmax score,
+    *not* renormalized over the k chosen (``moe_norm_topk_prob`` switches renormalization on, as
+    in Mixtral/DeepSeek-V3).
+    """
+
+    def __init__(self, n_embd: int, num_experts: int, top_k: int, norm_topk_prob: bool):
+        super().__init__()
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(n_embd, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # float32 softmax: the load-balancing loss averages these and bf16 would bias it
+        scores = F.softmax(self.gate(x).float(), dim=-1)  # (N, E)
+        weights, indices = torch.topk(scores, self.top_k, dim=-1)  # (N, k), (N, k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return scores, weights.to(x.dtype), indices
+
+
+def load_balancing_loss(scores: torch.Tensor, topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Auxiliary load-balancing loss ``E * sum_i f_i * P_i`` (a pure function of router outputs).
+
+    Switch Transformers (Fedus et al. 2021, Eqs. 4-6): ``f_i`` is the fraction of routing decisions
+    sent to expert i and ``P_i`` the mean router probability of expert i. For top-k routing each of
+    a token's k assignments counts 1/k (the top-k form used by OLMoE and Mixtral), so f sums to 1
+    and the loss equals 1 when both f and P are uniform. f is a count and carries no gradient; the
+    gradient reaches the router through P.
+
+    scores: (N, E) softmax scores; topk_indices: (N, k) chosen experts. Returns a scalar.
+    """
+    n_tokens, k = topk_indices.shape
+    counts = torch.bincount(topk_indices.reshape(-1), minlength=num_experts)  # (E,)
+    f = counts.to(scores.dtype) / (n_tokens * k)  # (E,)
+    p = scores.mean(dim=0)  # (E,)
+    return num_experts * torch.sum(f * p)
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts with stacked weights, run on token slices grouped by expert.
+
+    ``w_gate``/``w_up`` are (E, C, hidden) and ``w_down`` (E, hidden, C): expert e is
+    ``(silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]``, the same function as :class:`SwiGLU`
+    with ``w_gate[e] = gate.weight.T`` etc.
+    """
+
+    def __init__(self, num_experts: int, n_embd: int, hidden: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w_gate = nn.Parameter(torch.empty(num_experts, n_embd, hidden))
+        self.w_up = nn.Parameter(torch.empty(num_experts, n_embd, hidden))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden, n_embd))
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on (n, C) -> (n, C)."""
+        return (F.silu(x @ self.w_gate[e]) * (x @ self.w_up[e])) @ self.w_down[e]
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x_sorted: (M, C) rows grouped by expert, ``counts[e]`` rows for expert e -> (M, C).
+
+        One matmul chain per expert on its contiguous slice; the loop is over experts, never tokens.
+        """
+        slices = torch.split(x_sorted, counts, dim=0)
+        return torch.cat([self.expert_forward(e, xs) for e, xs in enumerate(slices)], dim=0)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE layer: top-k routed experts plus always-active shared experts.
+
+    ``y = sum_{i in topk} g_i * Expert_i(x) + Shared(x)``. The ``moe_num_shared_experts`` shared
+    experts are stored as one SwiGLU of hidden ``n_shared * moe_expert_hidden``, which computes
+    exactly the sum of that many experts of width ``moe_expert_hidden`` (their hidden units are
+    concatenated).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_experts = config.moe_num_experts
+        self.top_k = config.moe_top_k
+        self.router = Router(
+            config.n_embd, config.moe_num_experts, config.moe_top_k, config.moe_norm_topk_prob
+        )
+        self.experts = Experts(config.moe_num_experts, config.n_embd, config.moe_expert_hidden)
+        self.shared = (
+            SwiGLU(config.n_embd, config.moe_num_shared_experts * config.moe_expert_hidden)
+            if config.moe_num_shared_experts > 0
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, C) -> (output (B, T, C), load-balancing loss scalar)."""
+        B, T, C = x.shape
+        xf = x.reshape(-1, C)  # (N, C)
+        scores, weights, indices = self.router(xf)  # (N, E), (N, k), (N, k)
+        # Dispatch: sort the N*k (token, expert) assignments by expert so each expert sees one
+        # contiguous slice; a stable sort keeps the result independent of the sort algorithm.
+        flat_expert = indices.reshape(-1)  # (N*k,)
+        order = torch.argsort(flat_expert, stable=True)  # (N*k,)
+        token_of = order // self.top_k  # (N*k,) source token of each sorted assignment
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        y_sorted = self.experts(xf[token_of], counts)  # (N*k, C)
+        y_sorted = y_sorted * weights.reshape(-1)[order].unsqueeze(-1)
+        # Combine: each token sums its k weighted expert outputs
+        y = torch.zeros_like(xf).index_add_(0, token_of, y_sorted)  # (N, C)
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        aux = load_balancing_loss(scores, indices, self.num_experts)
+        return y.view(B, T, C), aux
+
+
+def moe_reference_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Plain loop over tokens and their k choices: the slow reference the fast MoE is tested against.
+
+    x: (B, T, C) -> (B, T, C).
+    """
+    B, T, C = x.shape
+    xf = x.reshape(-1, C)
+    _, weights, indices = moe.router(xf)
+    y = torch.zeros_like(xf)
+    for t in range(xf.shape[0]):
+        for j in range(moe.top_k):
+            e = int(indices[t, j])
+            y[t] += weights[t, j] * moe.experts.expert_forward(e, xf[t : t + 1])[0]
+    if moe.shared is not None:
+        y = y + moe.shared(xf)
+    return y.view(B, T, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Engram (paper Section 2)
+
+
+class MultiHeadEmbedding(nn.Module):
+    """All H hash heads' tables of one Engram layer, stored as one embedding of sum(p_j) rows.
+
+    Rows ``[offset_j, offset_j + p_j)`` are head j's table of prime size p_j (heads in the plan's
+    order: every head of order 2, then order 3, ...). ``sparse=True`` so that a step's gradient
+    holds only the looked-up rows; the trainer updates these weights with SparseAdam.
+    """
+
+    def __init__(self, head_sizes: list[int], head_offsets: list[int], dim: int):
+        super().__init__()
+        self.register_buffer("offsets", torch.tensor(head_offsets, dtype=torch.long), persistent=False)
+        self.embedding = nn.Embedding(sum(head_sizes), dim, sparse=True)
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots: (B, T, H), head j's slot in [0, p_j) -> (B, T, H, D)."""
+        return self.embedding(slots + self.offsets)
+
+
+class ShortConv(nn.Module):
+    """``SiLU(Conv1D(RMSNorm(x)))``: depthwise causal convolution over time, one channel per
+    (branch, feature), with one RMSNorm per hyper-connection branch.
+
+    Causal: the input is padded on the left only, so output t sees inputs t, t-dil, t-2*dil, ...
+    The dilation is the largest N-gram order, so the kernel reaches past the longest N-gram.
+    """
+
+    def __init__(self, n_embd: int, hc_mult: int, kernel_size: int, dilation: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(hc_mult, n_embd, eps=eps)
+        channels = hc_mult * n_embd
+        self.left_pad = (kernel_size - 1) * dilation
+        self.conv = nn.Conv1d(channels, channels, kernel_size, dilation=dilation, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, G, C = x.shape  # (B, T, hc, C)
+        xc = self.norm(x).reshape(B, T, G * C).transpose(1, 2)  # (B, hc*C, T)
+        yc = self.conv(F.pad(xc, (self.left_pad, 0)))  # (B, hc*C, T)
+        return F.silu(yc).transpose(1, 2).reshape(B, T, G, C)
+
+
+class Engram(nn.Module):
+    """Engram conditional memory at one block: hashed N-gram lookup, context-aware gate, short conv.
+
+    With hyper-connections (hc > 1) the residual stream has hc branches; each branch gets its own
+    key projection and its own pair of norms (so its own gate), while the tables and W_V are shared
+    (as in the reference implementation); the conv has its own channels and norm per branch.
+    W_K and W_V have no bias, following the paper's ``k_t = W_K e_t`` (the reference's Linear
+    layers carry a bias); this also makes ``W_V = 0`` switch the module off exactly.
+    """
+
+    def __init__(self, config: ModelConfig, plan: TablePlan, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.hc_mult = config.engram_hc_mult
+        self.n_embd = config.n_embd
+        self.tables = MultiHeadEmbedding(
+            plan.head_sizes(layer_id), plan.head_offsets(layer_id), plan.embed_dim_per_head
+        )
+        d_mem = plan.total_heads * plan.embed_dim_per_head  # = (max_n - 1) * n_head_per_ngram * D
+        self.key_proj = nn.Linear(d_mem, self.hc_mult * config.n_embd, bias=False)  # hc stacked W_K
+        self.value_proj = nn.Linear(d_mem, config.n_embd, bias=False)  # W_V, shared by the branches
+        self.query_norm = RMSNorm(self.hc_mult, config.n_embd, eps=config.norm_eps)  # on h_t
+        self.key_norm = RMSNorm(self.hc_mult, config.n_embd, eps=config.norm_eps)  # on k_t
+        self.short_conv = ShortConv(
+            config.n_embd, self.hc_mult, config.engram_conv_kernel, plan.max_ngram_size, config.norm_eps
+        )
+
+    def forward(self, h: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (B, T, hc, C) residual stream; slots: (B, T, H) hash slots of this layer.
+
+        Returns (y (B, T, hc, C) to add to the residual stream, gate alpha (B, T, hc)).
+        """
+        B, T, G, C = h.shape
+        e = self.tables(slots).flatten(start_dim=-2).to(h.dtype)  # (B, T, H*D) memory vector e_t
+        k = self.key_proj(e).view(B, T, G, C)  # (B, T, hc, C)
+        v = self.value_proj(e)  # (B, T, C)
+        s = (self.query_norm(h) * self.key_norm(k)).sum(dim=-1) / math.sqrt(C)  # (B, T, hc)
+        # signed square root (reference implementation): compresses large logits so the sigmoid
+        # does not saturate; the clamp keeps the derivative of sqrt finite at s = 0
+        s = torch.sign(s) * s.abs().clamp_min(1e-6).sqrt()
+        gate = torch.sigmoid(s)  # (B, T, hc) alpha_t
+        v_gated = gate.unsqueeze(-1) * v.unsqueeze(2)  # (B, T, hc, C)
+        return v_gated + self.short_conv(v_gated), gate
+
+
+# ----------------------------------------------------------------------------------------------
+# Block
+
+
+class Block(nn.Module):
+    """[Engram] -> attention -> MoE, each added to the residual stream (pre-norm).
+
+    Hyper-connections (simplified; mHC proper learns mixing matrices between branches): the
+    stream is (B, T, hc, C); Engram writes a different gated value into each branch; attention and
+    the MoE read the mean of the branches and add their output to every branch. With hc = 1 this is
+    the ordinary pre-norm Transformer block.
+    """
+
+    def __init__(self, config: ModelConfig, layer_id: int, plan: TablePlan | None):
+        super().__init__()
+        has_engram = plan is not None and layer_id in plan.layer_ids
+        self.engram = Engram(config, plan, layer_id) if has_engram else None
+        self.attn_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.moe_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.moe = MoE(config)
+
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """h: (B, T, hc, C) -> (h, load-balancing loss, Engram gate (B, T, hc) or None)."""
+        gate = None
+        if self.engram is not None:
+            y, gate = self.engram(h, slots)
+            h = h + y
+        h = h + self.attn(self.attn_norm(h.mean(dim=2)), cos, sin).unsqueeze(2)
+        m, aux = self.moe(self.moe_norm(h.mean(dim=2)))
+        h = h + m.unsqueeze(2)
+        return h, aux, gate
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and module sizes. Defaults are a tiny model that trains on a CPU in minutes."""
+
+    # size of the model's vocabulary (``idx`` ids); the trainer sets it to its compact
+    # sub-vocabulary of the corpus. 1024 is a placeholder for tests.
+    vocab_size: int = 1024
+    # number of Transformer blocks; Engram block indices in the plan must be < n_layer. Tiny.
+    n_layer: int = 4
+    # attention heads; n_embd must be divisible by it and the head dim even (RoPE). Tiny.
+    n_head: int = 4
+    # model width C (residual stream per hyper-connection branch). Tiny.
+    n_embd: int = 128
+    # longest sequence; sizes the RoPE tables. Tiny.
+    block_size: int = 256
+    # RoPE base frequency (RoFormer / LLaMA default 10000).
+    rope_theta: float = 10000.0
+    # routed experts E per MoE layer; a tiny stand-in for the paper's fine-grained MoE (dozens).
+    moe_num_experts: int = 8
+    # routed experts chosen per token k; 2 of 8 keeps the tiny model sparse (3/4 inactive).
+    moe_top_k: int = 2
+    # always-active shared experts per MoE layer (DeepSeekMoE shared-expert isolation); tiny: 1.
+    moe_num_shared_experts: int = 1
+    # hidden width of one SwiGLU expert (routed and shared); n_embd here (fine-grained experts
+    # are narrower than a dense FFN's 4*n_embd, as in DeepSeekMoE).
+    moe_expert_hidden: int = 128
+    # weight of the load-balancing loss in the total loss (Switch Transformers uses 1e-2).
+    moe_aux_loss_weight: float = 0.01
+    # renormalize the k chosen gates to sum to 1; False follows DeepSeekMoE (Mixtral/V3: True).
+    moe_norm_topk_prob: bool = False
+    # hyper-connection branches of the residual stream (reference demo: 4 with mHC; 1 = none).
+    engram_hc_mult: int = 1
+    # kernel size of Engram's depthwise causal conv (paper / reference: 4).
+    engram_conv_kernel: int = 4
+    # dropout on embeddings, attention and residual outputs (0 for small-data pretraining, nanoGPT).
+    dropout: float = 0.0
+    # RMSNorm epsilon (1e-5 as in LLaMA).
+    norm_eps: float = 1e-5
+    # std of the normal init of linear, embedding and expert weights (GPT-2: 0.02).
+    init_std: float = 0.02
+
+    def validate(self, plan: TablePlan | None = None) -> None:
+        """Raise :class:`ConfigError` (one line + hint) for an impossible configuration."""
+        positive = ["vocab_size", "n_layer", "n_head", "n_embd", "block_size", "moe_num_experts", "moe_top_k",
+                    "moe_expert_hidden", "engram_conv_kernel"]  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{name} must be >= 1, got {getattr(self, name)}", f"set {name} to a positive integer"
+                )
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})",
+                "choose n_head dividing n_embd",
+            )
+        if (self.n_embd // self.n_head) % 2:
+            raise ConfigError(
+                f"head dim n_embd/n_head = {self.n_embd // self.n_head} is odd; RoPE rotates pairs",
+                "choose n_embd/n_head even",
+            )
+        if self.moe_top_k > self.moe_num_experts:
+            raise ConfigError(
+                f"moe_top_k ({self.moe_top_k}) is larger than moe_num_experts ({self.moe_num_experts})",
+                "lower moe_top_k or raise moe_num_experts",
+            )
+        if self.moe_num_shared_experts < 0:
+            raise ConfigError(
+                f"moe_num_shared_experts must be >= 0, got {self.moe_num_shared_experts}", "use 0 for none"
+            )
+        if self.moe_aux_loss_weight < 0:
+            raise ConfigError(
+                f"moe_aux_loss_weight must be >= 0, got {self.moe_aux_loss_weight}", "use 0 to disable it"
+            )
+        if self.engram_hc_mult < 1:
+            raise ConfigError(
+                f"engram_hc_mult must be >= 1, got {self.engram_hc_mult}", "use 1 for no hyper-connections"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", "use 0.0 to disable dropout")
+        if plan is None:
+            return
+        if not plan.layer_ids:
+            raise ConfigError(
+                "the table plan has no Engram layers", "pass plan=None for the pure MoE baseline"
+            )
+        bad = [i for i in plan.layer_ids if not 0 <= i < self.n_layer]
+        if bad:
+            raise ConfigError(
+                f"Engram layer ids {bad} are outside the model's blocks 0..{self.n_layer - 1}",
+                f"make the plan with layer ids below n_layer={self.n_layer} (e.g. layer_ids=(1,))",
+            )
+        if plan.max_ngram_size < 2 or plan.n_head_per_ngram < 1:
+            raise ConfigError(
+                f"the plan needs N-gram orders >= 2 and >= 1 head (max_ngram_size={plan.max_ngram_size}, "
+                f"n_head_per_ngram={plan.n_head_per_ngram})",
+                "make the plan with max_ngram_size >= 2 and n_head_per_ngram >= 1",
+            )
+        if plan.embed_dim_per_head < 1:
+            raise ConfigError(
+                f"embed_dim_per_head must be >= 1, got {plan.embed_dim_per_head}",
+                "make the plan with a positive embed_dim_per_head",
+            )
+        for layer in plan.layer_ids:
+            sizes = plan.head_sizes(layer)
+            if len(sizes) != plan.total_heads or min(sizes) < 2:
+                raise ConfigError(
+                    f"the plan's head tables of layer {layer} are malformed ({len(sizes)} heads, "
+                    f"smallest {min(sizes, default=0)} slots)",
+                    "rebuild the plan with make_plan",
+                )
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class ModelOutput:
+    """What :meth:`EngramModel.forward` returns."""
+
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None  # lm_loss + moe_aux_loss_weight * aux_loss; None without targets
+    lm_loss: torch.Tensor | None  # next-token cross entropy (targets == -1 ignored); None without targets
+    aux_loss: torch.Tensor  # load-balancing loss, mean over the MoE layers (scalar)
+    gates: dict[int, torch.Tensor] | None  # layer id -> Engram gate alpha (B, T, hc); None unless asked
+
+
+class EngramModel(nn.Module):
+    """Token embedding -> blocks (Engram at ``plan.layer_ids``) -> RMSNorm -> LM head.
+
+    ``plan=None`` gives the pure MoE baseline. The LM head is untied from the token embedding
+    (DeepSeek-V3 unties them; it also keeps the parameter accounting per module simple).
+    """
+
+    def __init__(self, config: ModelConfig, plan: TablePlan | None = None):
+        super().__init__()
+        config.validate(plan)
+        self.config = config
+        self.plan = plan
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config, i, plan) for i in range(config.n_layer)])
+        self.final_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        cos, sin = rope_cache(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 style normal(0, 0.02) for every matrix; norms start at 1 (their constructor). The
+        # Engram conv keeps PyTorch's default init, as in the reference implementation.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        elif isinstance(module, Experts):
+            for w in (module.w_gate, module.w_up, module.w_down):
+                nn.init.normal_(w, mean=0.0, std=self.config.init_std)
+
+    @property
+    def engram_layer_ids(self) -> tuple[int, ...]:
+        return tuple(i for i, b in enumerate(self.blocks) if b.engram is not None)
+
+    def engram_table_parameters(self) -> list[nn.Parameter]:
+        """The Engram embedding tables (sparse gradients: optimize with torch.optim.SparseAdam)."""
+        return [b.engram.tables.embedding.weight for b in self.blocks if b.engram is not None]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter (dense gradients: AdamW)."""
+        tables = {id(p) for p in self.engram_table_parameters()}
+        return [p for p in self.parameters() if id(p) not in tables]
+
+    def engram_slots(self, canonical_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Hash slots per Engram layer: layer id -> (B, T, H) long tensor, by ``hash_ngrams``."""
+        device = canonical_ids.device if isinstance(canonical_ids, torch.Tensor) else torch.device("cpu")
+        out = {}
+        for layer in self.engram_layer_ids:
+            slots = hash_ngrams(canonical_ids, self.plan, layer)  # (B, T, H), numpy or torch
+            out[layer] = torch.as_tensor(slots, dtype=torch.long).to(device)
+        return out
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        canonical_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        return_gates: bool = False,
+    ) -> ModelOutput:
+        """idx: (B, T) model-vocabulary ids; canonical_ids: (B, T) canonical ids for hashing
+        (required iff the model has Engram layers, ignored otherwise); targets: (B, T) next-token
+        ids, -1 = ignore. ``return_gates`` returns the gates of this very forward pass.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise InputError(
+                f"sequence length {T} exceeds block_size {self.config.block_size}",
+                "use shorter sequences or a larger block_size",
+            )
+        slots: dict[int, torch.Tensor] = {}
+        if self.engram_layer_ids:
+            if canonical_ids is None:
+                raise InputError(
+                    "this model has Engram layers and needs canonical_ids", "pass canonical_ids=..."
+                )
+            if tuple(canonical_ids.shape) != (B, T):
+                raise InputError(
+                    f"canonical_ids has shape {tuple(canonical_ids.shape)}, idx has {(B, T)}",
+                    "pass canonical ids aligned with idx",
+                )
+            slots = self.engram_slots(canonical_ids)
+
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.drop(self.tok_emb(idx))  # (B, T, C)
+        h = x.unsqueeze(2).expand(B, T, self.config.engram_hc_mult, self.config.n_embd)  # (B, T, hc, C)
+        aux_losses, gates = [], {}
+        for i, block in enumerate(self.blocks):
+            h, aux, gate = block(h, cos, sin, slots.get(i))
+            aux_losses.append(aux)
+            if gate is not None:
+                gates[i] = gate
+        logits = self.lm_head(self.final_norm(h.mean(dim=2)))  # (B, T, V); the head reads the branch mean
+        aux_loss = torch.stack(aux_losses).mean()
+
+        loss = lm_loss = None
+        if targets is not None:
+            flat_logits = logits.view(-1, logits.size(-1)).float()  # (B*T, V)
+            lm_loss = F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=-1)
+            loss = lm_loss + self.config.moe_aux_loss_weight * aux_loss
+        return ModelOutput(logits, loss, lm_loss, aux_loss, gates if return_gates else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter accounting
+
+
+def param_counts(model: EngramModel) -> dict[str, int]:
+    """Total and per-token activated parameter counts.
+
+    - ``engram_tables``: the Engram embedding tables; ``engram_tables_activated``: the rows one
+      token looks up, H heads x D per Engram layer.
+    - ``engram_dense``: the rest of the Engram modules (W_K, W_V, norms, conv).
+    - ``experts_routed``: all routed experts; ``experts_routed_activated``: the k of E a token uses.
+    - ``dense``: everything else (embedding, attention, routers, shared experts, norms, Engram dense,
+      LM head), all counted as activated (the token embedding too, by convention).
+    - ``total = dense + engram_tables + experts_routed``;
+      ``activated = dense + experts_routed_activated + engram_tables_activated``.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    tables = sum(p.numel() for p in model.engram_table_parameters())
+    engram_all = sum(p.numel() for b in model.blocks if b.engram is not None for p in b.engram.parameters())
+    routed = sum(p.numel() for b in model.blocks for p in b.moe.experts.parameters())
+    cfg = model.config
+    routed_activated = routed // cfg.moe_num_experts * cfg.moe_top_k
+    plan = model.plan
+    tables_activated = 0
+    if plan is not None:
+        tables_activated = len(model.engram_layer_ids) * plan.total_heads * plan.embed_dim_per_head
+    dense = total - tables - routed
+    return {
+        "total": total,
+        "activated": dense + routed_activated + tables_activated,
+        "engram_tables": tables,
+        "engram_tables_activated": tables_activated,
+        "engram_dense": engram_all - tables,
+        "experts_routed": routed,
+        "experts_routed_activated": routed_activated,
+        "dense": dense,
+    }
