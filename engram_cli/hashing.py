@@ -1,0 +1,618 @@
+"""The Engram table plan and the N-gram hash (the one implementation the model and build-tables use).
+
+Engram (DeepSeek, "Conditional Memory via Scalable Lookup", arXiv 2601.07372, Section 2.2) gives
+every Engram layer one embedding table per (N-gram order, hash head). At position t the suffix
+N-gram of order n (the canonical ids of tokens t-n+1 .. t) is mixed into one 64-bit integer and
+each head reduces that integer modulo its own prime table size. Different primes per head make
+two N-grams that collide in one head unlikely to collide in the others.
+
+Everything here follows the reference Engram implementation bit for bit, so a plan made here
+addresses the same slots as DeepSeek's code for the same vocabulary and settings:
+
+* multipliers: per layer L, ``np.random.default_rng(seed + 10007 * L)`` draws ``max_n`` int64
+  values r in [0, half_bound) with ``half_bound = max(1, (2**63 - 1) // V // 2)``; the layer's
+  multipliers are ``2 r + 1`` (odd, and small enough that ``id * m`` never overflows for a valid
+  canonical id);
+* prime sizes: layer by layer, order by order, each head takes the smallest prime above the
+  previous head's prime (the first head: above target - 1) that no head of the plan has taken yet;
+* hash: ``mix_n(t) = XOR_k (id[t-k] * m_k)`` for k = 0..n-1 in wrap-around int64, positions before
+  the start of a sequence read the canonical pad id; head j's slot is ``mix_n(t) mod p_j`` in
+  [0, p_j) (floor modulo). Heads are laid out order 2 first, then order 3, ...
+
+The fast NumPy path (``_hash_numpy``) works on cache-sized chunks of the flattened token stream,
+writes straight into the preallocated output and replaces NumPy's slow 64-bit ``%`` (a scalar
+division loop) by ``x - (x // p) * p``, whose ``//`` by a scalar is vectorized by NumPy; both are
+exact integer arithmetic, so no exactness argument is needed. ``benchmarks/bench_hashing.py``
+compares it with a plain transcription of the reference; ``docs/hashing.md`` has the figures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engram_cli.artifacts import atomic_write_json
+from engram_cli.errors import ArtifactError, ConfigError, InputError
+
+PLAN_FORMAT = "engram.table_plan"
+PLAN_VERSION = 1
+
+MAX_LONG = 2**63 - 1      # np.iinfo(np.int64).max, the reference's bound for id * multiplier
+LAYER_SEED_STRIDE = 10007  # the reference's per-layer seed offset: seed + 10007 * layer_id
+MAX_TARGET_SIZE = 2**40    # far beyond any table that fits in memory; keeps prime search sane
+
+#: bytes per table element for the dtypes memory figures are given in
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp8": 1}
+
+_CHUNK = 32768             # tokens per work chunk: amortizes ~60 NumPy calls; buffers stay in L3
+_MAX_AUTO_THREADS = 4      # default thread cap for hash_ngrams (memory bandwidth saturates)
+
+
+def _wrap64(x: int) -> int:
+    """Python int -> the int64 value with the same low 64 bits (two's complement wrap-around)."""
+    return ((x + 2**63) % 2**64) - 2**63
+
+
+# -----------------------------------------------------------------------------
+# plan construction
+
+
+def make_multipliers(canonical_vocab_size: int, layer_ids: tuple[int, ...] | list[int],
+                     max_ngram_size: int, seed: int) -> dict[int, tuple[int, ...]]:
+    """Per-layer odd hash multipliers, exactly as the reference Engram draws them.
+
+    For layer L: ``r = default_rng(seed + 10007 * L).integers(0, half_bound, size=max_ngram_size,
+    dtype=int64)`` with ``half_bound = max(1, ((2**63 - 1) // V) // 2)``, multipliers ``2 r + 1``.
+    Multiplier k multiplies the token k positions back (k = 0 is the current token).
+
+    Returns ``{layer_id: (m_0, ..., m_{max_n-1})}`` as Python ints.
+    """
+    if canonical_vocab_size < 1:
+        raise ConfigError(f"canonical vocabulary size must be positive, got {canonical_vocab_size}")
+    m_max = MAX_LONG // int(canonical_vocab_size)
+    half_bound = max(1, m_max // 2)
+    out: dict[int, tuple[int, ...]] = {}
+    for layer in layer_ids:
+        rng = np.random.default_rng(int(seed) + LAYER_SEED_STRIDE * int(layer))
+        r = rng.integers(low=0, high=half_bound, size=int(max_ngram_size), dtype=np.int64)
+        out[int(layer)] = tuple(int(v) * 2 + 1 for v in r)
+    return out
+
+
+def make_primes(layer_ids: tuple[int, ...] | list[int], max_ngram_size: int, n_head_per_ngram: int,
+                target_sizes: tuple[int, ...] | list[int]) -> dict[int, tuple[tuple[int, ...], ...]]:
+    """Prime table sizes per layer, order and head, no prime used twice in the whole plan.
+
+    Layers in the given order, orders n = 2..max_n, heads 0..H-1: the search starts at
+    ``target_sizes[n-2] - 1`` and each head takes the smallest prime strictly above the current
+    start that is not taken yet; the next head starts from that prime (the reference's rule).
+
+    Returns ``{layer_id: ((p per head for n=2), (p per head for n=3), ...)}``.
+    """
+    from sympy import nextprime  # sympy import is slow; only plan building needs it
+
+    if len(target_sizes) != max_ngram_size - 1:
+        raise ConfigError(f"need one target size per order n=2..{max_ngram_size} "
+                          f"({max_ngram_size - 1}), got {len(target_sizes)}")
+    seen: set[int] = set()
+    out: dict[int, tuple[tuple[int, ...], ...]] = {}
+    for layer in layer_ids:
+        per_order = []
+        for target in target_sizes:
+            start = int(target) - 1
+            heads = []
+            for _ in range(n_head_per_ngram):
+                p = int(nextprime(start))
+                while p in seen:
+                    p = int(nextprime(p))
+                seen.add(p)
+                heads.append(p)
+                start = p
+            per_order.append(tuple(heads))
+        out[int(layer)] = tuple(per_order)
+    return out
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """Everything that fixes which table slot an N-gram maps to, and how big the tables are.
+
+    A plan is pure data: save it next to the tables (``save``/``load``, JSON) so that the model and
+    every analysis hash exactly as the tables were built. Make one with :func:`make_plan`.
+    """
+
+    seed: int                  # base seed of the multipliers (reference default 0)
+    max_ngram_size: int        # largest order N; orders 2..N are hashed (reference default 3)
+    n_head_per_ngram: int      # hash heads (separate tables) per order (reference default 8)
+    layer_ids: tuple[int, ...]  # transformer layers that hold an Engram module (reference (1, 15))
+    pad_id: int                # ORIGINAL tokenizer id read before the start of a sequence (reference 2)
+    canonical_pad_id: int      # pad_id mapped through the vocab map: what the hash actually reads
+    canonical_vocab_size: int  # V: number of canonical ids; bounds the multipliers
+    original_vocab_size: int   # tokenizer vocabulary size; default targets are 5x this (reference)
+    target_sizes: tuple[int, ...]  # requested slots per head, one per order n=2..N (primes are >= these)
+    multipliers: dict[int, tuple[int, ...]]  # layer id -> N odd multipliers (m_k for the token k back)
+    primes: dict[int, tuple[tuple[int, ...], ...]]  # layer id -> per order (n=2 first) -> head sizes
+    embed_dim_per_head: int = 32  # row width of each head's table: d_mem / n_head_per_ngram
+
+    def __hash__(self) -> int:  # the dict fields are unhashable; hash their frozen contents
+        return hash((self.seed, self.max_ngram_size, self.n_head_per_ngram, self.layer_ids, self.pad_id,
+                     self.canonical_pad_id, self.canonical_vocab_size, self.original_vocab_size,
+                     self.target_sizes, tuple(sorted(self.multipliers.items())),
+                     tuple(sorted(self.primes.items())), self.embed_dim_per_head))
+
+    # ---- shape figures
+
+    @property
+    def n_orders(self) -> int:
+        """Number of hashed orders (n = 2..max_ngram_size)."""
+        return self.max_ngram_size - 1
+
+    @property
+    def total_heads(self) -> int:
+        """Heads per layer over all orders: the last dim of :func:`hash_ngrams`'s output."""
+        return self.n_orders * self.n_head_per_ngram
+
+    def _layer(self, layer_id: int) -> int:
+        if layer_id not in self.primes:
+            raise ConfigError(f"layer {layer_id} has no Engram table in this plan "
+                              f"(Engram layers: {', '.join(map(str, self.layer_ids))})")
+        return layer_id
+
+    def head_sizes(self, layer_id: int) -> list[int]:
+        """Prime sizes of the layer's heads, flat in output order (order 2's heads first)."""
+        return [p for order in self.primes[self._layer(layer_id)] for p in order]
+
+    def head_offsets(self, layer_id: int) -> list[int]:
+        """Start row of each head in one concatenated table of the layer: [0, p0, p0+p1, ...]."""
+        sizes = self.head_sizes(layer_id)
+        return [0] + list(np.cumsum(sizes[:-1], dtype=np.int64).tolist())
+
+    def total_slots(self, layer_id: int) -> int:
+        """Rows of the layer's concatenated table (sum of its head sizes)."""
+        return sum(self.head_sizes(layer_id))
+
+    @property
+    def total_slots_all(self) -> int:
+        """Rows over all layers' tables."""
+        return sum(self.total_slots(layer) for layer in self.layer_ids)
+
+    def memory_bytes(self, dtype: str = "bf16") -> int:
+        """Bytes the tables of all layers take: total slots x embed_dim_per_head x bytes(dtype)."""
+        return self.total_slots_all * self.embed_dim_per_head * _dtype_bytes(dtype)
+
+    # ---- serialization
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``format`` and ``format_version`` come first. Layer keys become strings."""
+        return {
+            "format": PLAN_FORMAT,
+            "format_version": PLAN_VERSION,
+            "seed": self.seed,
+            "max_ngram_size": self.max_ngram_size,
+            "n_head_per_ngram": self.n_head_per_ngram,
+            "layer_ids": list(self.layer_ids),
+            "pad_id": self.pad_id,
+            "canonical_pad_id": self.canonical_pad_id,
+            "canonical_vocab_size": self.canonical_vocab_size,
+            "original_vocab_size": self.original_vocab_size,
+            "target_sizes": list(self.target_sizes),
+            "embed_dim_per_head": self.embed_dim_per_head,
+            "multipliers": {str(k): list(v) for k, v in self.multipliers.items()},
+            "primes": {str(k): [list(o) for o in v] for k, v in self.primes.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TablePlan":
+        """Rebuild a plan from :meth:`to_dict` output, checking everything (raises ArtifactError)."""
+        return _plan_from_dict(d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the plan as JSON, atomically (temp file + rename)."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TablePlan":
+        """Read and validate a plan written by :meth:`save` (raises ArtifactError)."""
+        import json
+
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"table plan {path} does not exist",
+                                "create it with `engram build-tables`")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"table plan {path} is not valid JSON ({e.__class__.__name__})",
+                                "recreate it with `engram build-tables --force`") from e
+        return _plan_from_dict(d, source=str(path))
+
+
+def _dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"unknown table dtype {dtype!r}", f"use one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+_PLAN_KEYS = ("format", "format_version", "seed", "max_ngram_size", "n_head_per_ngram", "layer_ids",
+              "pad_id", "canonical_pad_id", "canonical_vocab_size", "original_vocab_size",
+              "target_sizes", "embed_dim_per_head", "multipliers", "primes")
+
+
+def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
+    from sympy import isprime
+
+    fix = "recreate it with `engram build-tables --force`"
+
+    def bad(msg: str) -> ArtifactError:
+        return ArtifactError(f"{source}: {msg}", fix)
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def int_list(v: Any, what: str) -> list[int]:
+        if not isinstance(v, list) or not all(is_int(x) for x in v):
+            raise bad(f"{what} must be a list of integers")
+        return v
+
+    if not isinstance(d, dict):
+        raise bad("expected a JSON object")
+    if d.get("format") != PLAN_FORMAT:
+        raise bad(f"format is {d.get('format')!r}, expected {PLAN_FORMAT!r}")
+    if d.get("format_version") != PLAN_VERSION:
+        raise bad(f"format version {d.get('format_version')!r}, this engram reads {PLAN_VERSION}")
+    missing = [k for k in _PLAN_KEYS if k not in d]
+    if missing:
+        raise bad(f"missing keys: {', '.join(missing)}")
+    unknown = sorted(set(d) - set(_PLAN_KEYS))
+    if unknown:
+        raise bad(f"unknown keys: {', '.join(unknown)}")
+    for k in ("seed", "max_ngram_size", "n_head_per_ngram", "pad_id", "canonical_pad_id",
+              "canonical_vocab_size", "original_vocab_size", "embed_dim_per_head"):
+        if not is_int(d[k]):
+            raise bad(f"{k} must be an integer, got {d[k]!r}")
+    max_n, heads, vsize = d["max_ngram_size"], d["n_head_per_ngram"], d["canonical_vocab_size"]
+    if max_n < 2 or heads < 1 or vsize < 1 or d["original_vocab_size"] < 1 or d["embed_dim_per_head"] < 1:
+        raise bad("max_ngram_size >= 2, n_head_per_ngram, vocabulary sizes and embed_dim_per_head >= 1 required")
+    if not 0 <= d["canonical_pad_id"] < vsize:
+        raise bad(f"canonical_pad_id {d['canonical_pad_id']} is outside [0, {vsize})")
+    layers = int_list(d["layer_ids"], "layer_ids")
+    if not layers or len(set(layers)) != len(layers):
+        raise bad("layer_ids must be a non-empty list of distinct integers")
+    targets = int_list(d["target_sizes"], "target_sizes")
+    if len(targets) != max_n - 1 or any(t < 1 for t in targets):
+        raise bad(f"target_sizes must hold {max_n - 1} positive integers (one per order)")
+    for k in ("multipliers", "primes"):
+        if not isinstance(d[k], dict) or sorted(d[k]) != sorted(str(x) for x in layers):
+            raise bad(f"{k} must have one entry per layer id {layers}")
+
+    multipliers: dict[int, tuple[int, ...]] = {}
+    primes: dict[int, tuple[tuple[int, ...], ...]] = {}
+    seen: set[int] = set()
+    for layer in layers:
+        m = int_list(d["multipliers"][str(layer)], f"multipliers of layer {layer}")
+        if len(m) != max_n or any(x <= 0 or x % 2 == 0 or x > MAX_LONG for x in m):
+            raise bad(f"multipliers of layer {layer} must be {max_n} odd positive int64 values")
+        multipliers[layer] = tuple(m)
+        orders = d["primes"][str(layer)]
+        if not isinstance(orders, list) or len(orders) != max_n - 1:
+            raise bad(f"primes of layer {layer} must hold {max_n - 1} lists (one per order)")
+        per_order = []
+        for n, (order, target) in enumerate(zip(orders, targets), start=2):
+            ps = int_list(order, f"primes of layer {layer}, order {n}")
+            if len(ps) != heads:
+                raise bad(f"layer {layer}, order {n} has {len(ps)} head sizes, expected {heads}")
+            for p in ps:
+                if p < target or p > MAX_LONG or not isprime(p):
+                    raise bad(f"head size {p} (layer {layer}, order {n}) is not a prime >= target {target}")
+                if p in seen:
+                    raise bad(f"head size {p} is used twice; every head needs its own prime")
+                seen.add(p)
+            per_order.append(tuple(ps))
+        primes[layer] = tuple(per_order)
+
+    return TablePlan(seed=d["seed"], max_ngram_size=max_n, n_head_per_ngram=heads,
+                     layer_ids=tuple(layers), pad_id=d["pad_id"], canonical_pad_id=d["canonical_pad_id"],
+                     canonical_vocab_size=vsize, original_vocab_size=d["original_vocab_size"],
+                     target_sizes=tuple(targets), multipliers=multipliers, primes=primes,
+                     embed_dim_per_head=d["embed_dim_per_head"])
+
+
+def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_vocab_size: int,
+              pad_id: int = 2, layer_ids: tuple[int, ...] | list[int] = (1, 15), max_ngram_size: int = 3,
+              n_head_per_ngram: int = 8, target_sizes: tuple[int, ...] | list[int] | None = None,
+              seed: int = 0, embed_dim_per_head: int = 32) -> TablePlan:
+    """Build a :class:`TablePlan` (defaults = the reference Engram configuration).
+
+    ``canonical_pad_id`` is ``vocab_map[pad_id]``: the caller maps it, this module knows no vocab.
+    ``target_sizes`` defaults to ``5 * original_vocab_size`` for every order (the reference's
+    ``engram_vocab_size``). Raises ConfigError for impossible values.
+    """
+    def need(cond: bool, msg: str, hint: str | None = None) -> None:
+        if not cond:
+            raise ConfigError(msg, hint)
+
+    need(canonical_vocab_size >= 1, f"canonical vocabulary size must be positive, got {canonical_vocab_size}")
+    need(original_vocab_size >= 1, f"original vocabulary size must be positive, got {original_vocab_size}")
+    need(0 <= canonical_pad_id < canonical_vocab_size,
+         f"canonical pad id {canonical_pad_id} is outside [0, {canonical_vocab_size})")
+    need(0 <= pad_id < original_vocab_size, f"pad id {pad_id} is outside [0, {original_vocab_size})")
+    need(max_ngram_size >= 2, f"max N-gram size must be at least 2, got {max_ngram_size}")
+    need(n_head_per_ngram >= 1, f"heads per N-gram order must be at least 1, got {n_head_per_ngram}")
+    need(embed_dim_per_head >= 1, f"embedding dims per head must be at least 1, got {embed_dim_per_head}")
+    layer_ids = tuple(int(x) for x in layer_ids)
+    need(len(layer_ids) > 0, "no Engram layers given", "pass at least one layer id")
+    need(len(set(layer_ids)) == len(layer_ids), f"layer ids repeat: {list(layer_ids)}")
+    need(all(x >= 0 for x in layer_ids), f"layer ids must be non-negative: {list(layer_ids)}")
+    need(seed >= 0, f"seed must be non-negative, got {seed}")
+    n_orders = max_ngram_size - 1
+    if target_sizes is None:
+        target_sizes = (5 * original_vocab_size,) * n_orders
+    target_sizes = tuple(int(x) for x in target_sizes)
+    need(len(target_sizes) == n_orders,
+         f"need {n_orders} target sizes (orders 2..{max_ngram_size}), got {len(target_sizes)}")
+    need(all(1 <= t <= MAX_TARGET_SIZE for t in target_sizes),
+         f"target table sizes must be in [1, 2^40], got {list(target_sizes)}")
+
+    return TablePlan(
+        seed=int(seed), max_ngram_size=int(max_ngram_size), n_head_per_ngram=int(n_head_per_ngram),
+        layer_ids=layer_ids, pad_id=int(pad_id), canonical_pad_id=int(canonical_pad_id),
+        canonical_vocab_size=int(canonical_vocab_size), original_vocab_size=int(original_vocab_size),
+        target_sizes=target_sizes,
+        multipliers=make_multipliers(canonical_vocab_size, layer_ids, max_ngram_size, seed),
+        primes=make_primes(layer_ids, max_ngram_size, n_head_per_ngram, target_sizes),
+        embed_dim_per_head=int(embed_dim_per_head),
+    )
+
+
+# -----------------------------------------------------------------------------
+# hashing
+
+
+def hash_ngrams(canonical_ids: Any, plan: TablePlan, layer_id: int, *,
+                num_threads: int | None = None) -> Any:
+    """Slot of every suffix N-gram in every head of one Engram layer.
+
+    canonical_ids: canonical token ids, [B, T] (B sequences) or [T] (one sequence), as a NumPy
+        integer array or a torch integer tensor on any device. Each row is a sequence: positions
+        before its start read ``plan.canonical_pad_id``. Ids are not range-checked; ids outside
+        [0, V) are hashed with the same wrap-around int64 arithmetic as the reference.
+    layer_id: one of ``plan.layer_ids`` (each layer has its own multipliers and primes).
+    num_threads: worker threads of the NumPy path (None: up to 4, one per 2 chunks of 32768
+        tokens, never more than the CPUs available; 1: hash in the calling thread).
+
+    Returns int64 slots of shape ``canonical_ids.shape + (plan.total_heads,)``, the same kind as
+    the input (NumPy array, or torch tensor on the input's device). Head h's slot is in
+    [0, head_sizes(layer_id)[h]); add ``head_offsets`` to index one concatenated table.
+    """
+    mults = plan.multipliers[plan._layer(layer_id)]
+    primes = plan.primes[layer_id]
+    if _is_torch(canonical_ids):
+        import torch
+
+        x = canonical_ids
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise InputError(f"token ids must be integers, got a {x.dtype} tensor")
+        if x.dim() not in (1, 2):
+            raise InputError(f"token ids must be [T] or [B, T], got shape {tuple(x.shape)}")
+        if x.device.type != "cpu":
+            return _hash_torch(x.long(), mults, primes, plan.canonical_pad_id)
+        out = _hash_array(x.detach().long().numpy(), mults, primes, plan.canonical_pad_id, num_threads)
+        return torch.from_numpy(out)
+    x = np.asarray(canonical_ids)
+    if x.dtype.kind not in "iu":
+        raise InputError(f"token ids must be integers, got dtype {x.dtype}")
+    if x.ndim not in (1, 2):
+        raise InputError(f"token ids must be [T] or [B, T], got shape {x.shape}")
+    return _hash_array(x, mults, primes, plan.canonical_pad_id, num_threads)
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "device")
+
+
+def _hash_array(x: np.ndarray, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...],
+                pad: int, num_threads: int | None) -> np.ndarray:
+    """NumPy entry: [T] or [B, T] integer ids -> [..., total_heads] int64 slots."""
+    shape = x.shape
+    x2 = x.reshape(1, -1) if x.ndim == 1 else x
+    B, T = x2.shape
+    n_heads = sum(len(o) for o in primes)
+    out = np.empty((B * T, n_heads), dtype=np.int64)        # (B*T, H)
+    if B * T:
+        flat = np.ascontiguousarray(x2, dtype=np.int64).reshape(-1)   # (B*T,)
+        _hash_numpy(flat, T, mults, primes, pad, out, num_threads)
+    return out.reshape(*shape, n_heads)
+
+
+def _hash_numpy(flat: np.ndarray, T: int, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...],
+                pad: int, out: np.ndarray, num_threads: int | None = None) -> None:
+    """Fill ``out`` (B*T, H) with the slots of the flattened ids ``flat`` (B*T,) of rows of length T.
+
+    Chunks of the flattened stream are independent (each reads up to N-1 ids to its left), so a
+    few threads take chunks from a shared counter; NumPy releases the GIL inside its loops. On the
+    2-core development machine two threads are ~1.6x faster than one (docs/hashing.md).
+    """
+    n_chunks = -(-flat.shape[0] // _CHUNK)
+    if num_threads is None:
+        num_threads = min(_MAX_AUTO_THREADS, _available_cpus(), n_chunks // 2)
+    num_threads = max(1, min(num_threads, n_chunks))
+    next_chunk = itertools.count().__next__  # atomic under the GIL: threads never share a chunk
+    if num_threads == 1:
+        _hash_worker(flat, T, mults, primes, pad, out, next_chunk)
+        return
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        futures = [pool.submit(_hash_worker, flat, T, mults, primes, pad, out, next_chunk)
+                   for _ in range(num_threads)]
+        for f in futures:
+            f.result()
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _hash_worker(flat: np.ndarray, T: int, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...],
+                 pad: int, out: np.ndarray, next_chunk: Callable[[], int]) -> None:
+    """Hash chunks [i*C, (i+1)*C) for i = next_chunk() until the stream is done."""
+    N = flat.shape[0]
+    C = min(_CHUNK, N)
+    n_heads = out.shape[1]
+    mix = np.empty(C, dtype=np.int64)                 # (C,) mix of the current order
+    lag = np.empty(C, dtype=np.int64)                 # (C,) id[t-k] * m_k
+    slots = np.empty((n_heads, C), dtype=np.int64)    # (H, C) head-major: vectorized per head
+    m64 = [np.int64(m) for m in mults]
+    pad_m = [np.int64(_wrap64(pad * m)) for m in mults]   # what a pad position contributes per lag
+    # per order: (head row, divisor) pairs; unsigned and signed flavours of the same numbers
+    heads_u, heads_i, h = [], [], 0
+    for order in primes:
+        heads_u.append([(slots[h + j].view(np.uint64), np.uint64(p)) for j, p in enumerate(order)])
+        heads_i.append([(slots[h + j], np.int64(p)) for j, p in enumerate(order)])
+        h += len(order)
+
+    while (s := next_chunk() * C) < N:
+        e = min(N, s + C)
+        n = e - s
+        mx, lg = mix[:n], lag[:n]
+        np.multiply(flat[s:e], m64[0], out=mx)
+        # positions t < k of a row read the pad id k back; only chunks near a row start have them
+        first_row = (s // T) * T
+        near_start = s - first_row < len(mults) - 1 or first_row + T < e
+        row_starts = np.arange(first_row - s, n, T) if near_start else None  # relative to s
+        for k in range(1, len(mults)):
+            a = max(s, k)  # positions before k have no id k back in the flat stream (they are pads)
+            if a < e:
+                np.multiply(flat[a - k:e - k], m64[k], out=lg[a - s:])
+            for j in range(min(k, T) if near_start else 0):
+                idx = row_starts + j
+                lg[idx[(idx >= 0) & (idx < n)]] = pad_m[k]
+            np.bitwise_xor(mx, lg, out=mx)
+            # order k+1 is complete: reduce it modulo each of its heads' primes as
+            # x mod p = x - (x // p) * p, exact; NumPy vectorizes // by a scalar but not %.
+            # Unsigned // is faster still and equals floor division when no mix is negative
+            # (always so for ids in [0, V): every id * m_k is below 2^63).
+            if mx.min() >= 0:
+                src, heads = mx.view(np.uint64), heads_u[k - 1]
+            else:
+                src, heads = mx, heads_i[k - 1]
+            for row, p in heads:
+                dst = row[:n]
+                np.floor_divide(src, p, out=dst)
+                np.multiply(dst, p, out=dst)
+                np.subtract(src, dst, out=dst)
+        np.copyto(out[s:e], slots[:, :n].T)               # (n, H): the one transposing copy
+
+
+def _hash_torch(x: Any, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...], pad: int) -> Any:
+    """Torch path (any device): same arithmetic in torch ops. x [T] or [B, T] int64."""
+    import torch
+    import torch.nn.functional as F
+
+    squeeze = x.dim() == 1
+    x2 = x.unsqueeze(0) if squeeze else x                      # (B, T)
+    T = x2.shape[1]
+    outs = []
+    mix = x2 * mults[0]                                         # (B, T) int64, wraps on overflow
+    for k in range(1, len(mults)):
+        shifted = F.pad(x2, (k, 0), value=pad)[:, :T]            # id[t-k], pad before the start
+        mix = torch.bitwise_xor(mix, shifted * mults[k])
+        for p in primes[k - 1]:
+            outs.append(torch.remainder(mix, p))                # floor mod: in [0, p)
+    out = torch.stack(outs, dim=-1)                             # (B, T, H)
+    return out[0] if squeeze else out
+
+
+# -----------------------------------------------------------------------------
+# sizing helpers
+
+
+def expected_colliding_share(n_keys: int, n_slots: int) -> float:
+    """Uniform hashing: expected share of k keys that share their slot with another key.
+
+    A given key is alone when the other k-1 keys all miss its slot: 1 - (1 - 1/m)^(k-1).
+    """
+    if n_keys <= 1:
+        return 0.0
+    return -math.expm1((n_keys - 1) * math.log1p(-1.0 / n_slots)) if n_slots > 1 else 1.0
+
+
+def target_size_for_collision_rate(n_keys: int, rate: float) -> int:
+    """Smallest per-head table size m whose expected colliding share for n_keys keys is <= rate.
+
+    Inverts ``1 - (1 - 1/m)^(k-1) = rate``: ``m = 1 / (1 - (1 - rate)^(1/(k-1)))``, rounded up
+    (about ``k / rate`` for small rates). Use the number of distinct N-grams of one order as k.
+    """
+    if n_keys < 0:
+        raise ConfigError(f"number of keys must be non-negative, got {n_keys}")
+    if not 0.0 < rate < 1.0:
+        raise ConfigError(f"collision rate must be in (0, 1), got {rate}")
+    if n_keys <= 1:
+        return 1
+    # 1 - (1-rate)^(1/(k-1)) computed without cancellation
+    per_slot = -math.expm1(math.log1p(-rate) / (n_keys - 1))
+    m = max(1, math.ceil(1.0 / per_slot))
+    # float rounding can leave m one off the true smallest size: settle it exactly
+    while m > 1 and expected_colliding_share(n_keys, m - 1) <= rate:
+        m -= 1
+    while expected_colliding_share(n_keys, m) > rate:
+        m += 1
+    return m
+
+
+def target_size_for_memory_budget(budget_bytes: int, *, n_layers: int, n_orders: int, n_heads: int,
+                                  embed_dim_per_head: int, dtype: str = "bf16") -> int:
+    """Largest per-head target size whose plan fits in ``budget_bytes``.
+
+    The naive answer is budget / (layers x orders x heads x dims x bytes); primes round every head
+    up (and no prime repeats), so this returns the largest m for which the primes a plan would
+    actually pick (same target for every order) fit: ``make_plan(target_sizes=(m,) * n_orders, ...)
+    .memory_bytes(dtype) <= budget_bytes``. Raises ConfigError when even the smallest plan
+    (target 1: primes 2, 3, 5, ...) does not fit.
+    """
+    from sympy import nextprime
+
+    for name, v in (("n_layers", n_layers), ("n_orders", n_orders), ("n_heads", n_heads),
+                    ("embed_dim_per_head", embed_dim_per_head)):
+        if v < 1:
+            raise ConfigError(f"{name} must be at least 1, got {v}")
+    row_bytes = embed_dim_per_head * _dtype_bytes(dtype)
+    n_tables = n_layers * n_orders * n_heads
+
+    def plan_bytes(m: int) -> int:
+        # all orders share the target, so the plan takes the first n_tables primes >= m
+        total, p = 0, m - 1
+        for _ in range(n_tables):
+            p = int(nextprime(p))
+            total += p
+        return total * row_bytes
+
+    if budget_bytes < plan_bytes(1):
+        raise ConfigError(
+            f"a memory budget of {budget_bytes} bytes is too small for {n_tables} tables of "
+            f"{row_bytes}-byte rows", f"give at least {plan_bytes(1)} bytes")
+    # plan_bytes grows with m and plan_bytes(m) >= n_tables * m * row_bytes: bisect below that bound
+    lo, hi = 1, min(MAX_TARGET_SIZE, budget_bytes // (n_tables * row_bytes))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if plan_bytes(mid) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+__all__ = [
+    "PLAN_FORMAT", "PLAN_VERSION", "DTYPE_BYTES", "TablePlan", "make_multipliers", "make_primes",
+    "make_plan", "hash_ngrams", "expected_colliding_share",
+    "target_size_for_collision_rate", "target_size_for_memory_budget",
+]
