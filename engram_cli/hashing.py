@@ -438,7 +438,7 @@ def _hash_numpy(flat: np.ndarray, T: int, mults: tuple[int, ...], primes: tuple[
 
     Chunks of the flattened stream are independent (each reads up to N-1 ids to its left), so a
     few threads take chunks from a shared counter; NumPy releases the GIL inside its loops. On the
-    2-core development machine two threads are ~1.6x faster than one (docs/hashing.md).
+    2-core development machine two threads are ~1.35x faster than one (docs/hashing.md).
     """
     n_chunks = -(-flat.shape[0] // _CHUNK)
     if num_threads is None:
