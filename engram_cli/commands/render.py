@@ -49,31 +49,37 @@ class RichProgress:
         self._tasks: dict[str, int] = {}
         self._t0: dict[str, float] = {}
         self._progress = None
+        self._start = time.perf_counter()
 
     def __enter__(self) -> "RichProgress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                      MofNCompleteColumn(), TimeElapsedColumn(),
-                                      TextColumn("{task.fields[info]}"), console=err, transient=False)
-            self._progress.__enter__()
+        self._start = time.perf_counter()
         return self
+
+    def _start_display(self) -> None:
+        # started on the first report, so a command that fails early prints nothing but its error
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                  MofNCompleteColumn(), TimeElapsedColumn(),
+                                  TextColumn("{task.fields[info]}"), console=err, transient=False)
+        self._progress.__enter__()
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
 
     def __call__(self, task: str, completed: float, total: float | None = None, **info: Any) -> None:
-        if self._progress is None:
+        if not self.enabled:
             return
+        if self._progress is None:
+            self._start_display()
         if task not in self._tasks:
             self._tasks[task] = self._progress.add_task(task, total=total, info="")
-            self._t0[task] = time.perf_counter()
+            self._t0[task] = self._start
         text = "  ".join(f"{k}={_fmt(v)}" for k, v in info.items())
-        if self.rate_key and self.rate_key in info:
-            dt = max(time.perf_counter() - self._t0[task], 1e-9)
-            text += f"  {_fmt(info[self.rate_key] / dt)} {self.rate_key}/s"
+        dt = time.perf_counter() - self._t0[task]
+        if self.rate_key and self.rate_key in info and dt > 0.2:
+            text += f"  {_fmt(round(info[self.rate_key] / dt))} {self.rate_key}/s"
         self._progress.update(self._tasks[task], completed=completed, total=total, info=text)
 
 

@@ -1,0 +1,201 @@
+"""``engram build-tables``: n-gram statistics, the table plan, collisions (library: ``engram_cli.tables``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from engram_cli.commands.options import Force, Json, Quiet, Tokenizer
+from engram_cli.errors import ConfigError
+
+EXAMPLES = [
+    ("engram build-tables sample_data/sotu/*.txt sample_data/zh_classics.jsonl --vocab out/vocab --out out/tables",
+     "the reference plan: layers 1 and 15, 8 heads, 5x vocab slots"),
+    ("engram build-tables corpus/ --vocab out/vocab --out out/tables --target-collision-rate 0.05 --sweep",
+     "size each order for 5% colliding n-grams; plot rate vs size"),
+    ("engram build-tables data.parquet --text-column body --vocab out/vocab --out out/t --memory-budget 2GB --dtype bf16",
+     "fit all tables in 2 GB of bf16"),
+    ("engram build-tables corpus/*.jsonl --vocab out/vocab --out shard_0 --shard 0/4",
+     "count one quarter of the documents (run I = 0..3 anywhere)"),
+    ("engram build-tables --from-shards shard_0 shard_1 shard_2 shard_3 --vocab out/vocab --out out/tables",
+     "merge shard counts into exactly one run's result"),
+]
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ConfigError(f"--memory-budget {text!r} is not a size", "write e.g. 2GB, 512MiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m:
+        raise ConfigError(f"--shard {text!r} is not of the form I/N", "write e.g. --shard 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--layers {text!r} is not a list of layer ids", "write e.g. --layers 1,15") from None
+    if not ids:
+        raise ConfigError("--layers is empty", "write e.g. --layers 1,15")
+    return ids
+
+
+def build_tables_command(
+    corpus: Annotated[Optional[list[str]], typer.Argument(
+        metavar="CORPUS...", show_default=False,
+        help="Text files (.txt/.md), JSONL, Parquet, directories, globs, a `datasets` save_to_disk directory, or hf:NAME.")] = None,
+    vocab: Annotated[Path, typer.Option("--vocab", "-v", metavar="DIR", help="Vocab artifact from `engram normalize-vocab`.")] = ...,  # type: ignore[assignment]
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Output tables artifact directory.")] = ...,  # type: ignore[assignment]
+    tokenizer: Tokenizer = "deepseek",
+    text_column: Annotated[str, typer.Option("--text-column", help="Text field of JSONL/Parquet/datasets inputs.")] = "text",
+    doc_mode: Annotated[str, typer.Option("--doc-mode", help="Plain-text files: `file` (one document each) or `line` (one per line).")] = "file",
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")] = None,
+    max_n: Annotated[int, typer.Option("--max-n", help="Largest n-gram order (reference: 3).")] = 3,
+    layers: Annotated[str, typer.Option("--layers", metavar="IDS", help="Engram layer ids, comma-separated (reference: 1,15).")] = "1,15",
+    heads: Annotated[int, typer.Option("--heads", min=1, help="Hash heads per order (reference: 8).")] = 8,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Multiplier seed (reference: 0).")] = 0,
+    pad_id: Annotated[int, typer.Option("--pad-id", min=0, help="Original token id read before a sequence starts (reference: 2).")] = 2,
+    embed_dim: Annotated[int, typer.Option("--embed-dim", min=1, help="Embedding dims per head (d_mem / heads).")] = 32,
+    target_size: Annotated[Optional[int], typer.Option("--target-size", help="Slots per head for every order (default: 5 x vocabulary size).")] = None,
+    target_collision_rate: Annotated[Optional[float], typer.Option("--target-collision-rate", metavar="RATE", help="Size each order so uniform hashing leaves this share of distinct n-grams colliding.")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", metavar="SIZE", help="Total bytes for all tables at --dtype, e.g. 2GB.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Table element type for memory figures: fp32, bf16 or fp8.")] = "bf16",
+    sweep: Annotated[bool, typer.Option("--sweep", help="Also measure collision rate against table size and plot it.")] = False,
+    top: Annotated[int, typer.Option("--top", min=1, help="Top n-grams listed per order.")] = 20,
+    shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Count only documents with index % N == I; writes counts only.")] = None,
+    from_shards: Annotated[Optional[list[Path]], typer.Option("--from-shards", metavar="DIR", help="Merge shard outputs instead of reading a corpus (repeat, or list them after it).")] = None,
+    spill_dir: Annotated[Optional[Path], typer.Option("--spill-dir", metavar="DIR", help="Where partial counts spill to disk (default: a temp dir).")] = None,
+    force: Force = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Count a corpus's n-grams, plan prime-sized multi-head hash tables, and measure collisions.
+
+    Tokenizes the corpus with the vocab's tokenizer, maps ids to canonical ids, counts every 1..N-gram exactly (never across documents), makes the table plan `engram train` reads (prime sizes per layer, order and head; hash multipliers — the reference Engram scheme), and measures how often the hashing collides at those sizes beside what uniform hashing predicts.
+    """
+    from engram_cli.commands.render import RichProgress, print_json
+    from engram_cli.tables import BuildTablesConfig, build_tables
+
+    sources = list(corpus or [])
+    shards = list(from_shards or [])
+    if shards and sources:  # `--from-shards a b c`: the extra directories arrive as positionals
+        shards, sources = shards + [Path(s) for s in sources], []
+    config = BuildTablesConfig(
+        vocab=vocab, out=out, sources=sources, tokenizer=tokenizer, text_column=text_column,
+        doc_mode=_choice("--doc-mode", doc_mode, ("file", "line")), max_tokens=max_tokens,
+        shard=parse_shard(shard) if shard else None, from_shards=shards, max_n=max_n,
+        layer_ids=parse_layers(layers), n_head_per_ngram=heads, seed=seed, pad_id=pad_id,
+        embed_dim_per_head=embed_dim, target_size=target_size, target_collision_rate=target_collision_rate,
+        memory_budget=parse_bytes(memory_budget) if memory_budget else None,
+        dtype=_choice("--dtype", dtype, ("fp32", "bf16", "fp8")), top_k=top, sweep=sweep,
+        spill_dir=spill_dir, force=force)
+    with RichProgress(enabled=not quiet and not json_out, rate_key="tokens") as progress:
+        result = build_tables(config, progress=progress)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        render(result)
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{option} must be one of {', '.join(allowed)}, got {value!r}", f"e.g. {option} {allowed[0]}")
+    return value
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def render(result) -> None:
+    from rich.table import Table
+
+    from engram_cli.commands.render import err, out, show_token
+
+    for path, why in result.skipped_files:
+        err.print(f"[yellow]skipped[/] {path}: {why}")
+    out.print(f"[bold]Corpus[/] {result.documents:,} documents, {result.tokens:,} tokens "
+              f"[dim]({result.tokens_per_second:,.0f} tokens/s; {len(result.skipped_files)} files skipped)[/]")
+    t = Table(title="Distinct n-grams per order", title_justify="left")
+    for col in ("n", "occurrences", "distinct", "seen once", "top-100 cover", "top-10k cover"):
+        t.add_column(col, justify="right")
+    for r in result.orders:
+        t.add_row(str(r["n"]), f"{r['total']:,}", f"{r['distinct']:,}", f"{r['singleton_share']:.1%}",
+                  f"{r['coverage_top100']:.1%}", f"{r['coverage_top10000']:.1%}")
+    out.print(t)
+    if result.kind == "shard":
+        out.print(f"[dim]wrote shard counts to[/] {result.out}/ [dim](merge with --from-shards)[/]")
+        return
+    for n, rows in result.top.items():
+        if n < 2 or not rows:
+            continue
+        tt = Table(title=f"Top {len(rows)} {n}-grams", title_justify="left")
+        tt.add_column("#", justify="right")
+        tt.add_column("count", justify="right")
+        tt.add_column("share", justify="right")
+        tt.add_column("text")
+        for row in rows[:10]:
+            tt.add_row(str(row["rank"]), f"{row['count']:,}", f"{row['share']:.2%}", show_token(row["text"], 48))
+        out.print(tt)
+    plan = result.plan
+    p = Table(title="Table plan", title_justify="left")
+    p.add_column("layer", justify="right")
+    p.add_column("n", justify="right")
+    p.add_column("target", justify="right")
+    p.add_column("head sizes (primes)")
+    p.add_column("multiplier m_0", justify="right")
+    for layer in plan["layer_ids"]:
+        for i, sizes in enumerate(plan["primes"][str(layer)]):
+            shown = ", ".join(f"{s:,}" for s in sizes[:3]) + (f", … ({len(sizes)} heads)" if len(sizes) > 3 else "")
+            p.add_row(str(layer), str(i + 2), f"{plan['target_sizes'][i]:,}", shown,
+                      str(plan["multipliers"][str(layer)][0]) if i == 0 else "")
+    out.print(p)
+    out.print("memory: " + "   ".join(f"{d} [bold]{_bytes(b)}[/]" for d, b in result.memory.items())
+              + f"   [dim]({plan['embed_dim_per_head']} dims per head)[/]")
+    render_collisions(result.collisions)
+    out.print(f"[dim]wrote[/] {result.out}/")
+
+
+def render_collisions(rows) -> None:
+    from rich.table import Table
+
+    from engram_cli.commands.render import out
+
+    heads = [r for r in rows if r.get("head") is not None and r.get("head", -1) >= 0]
+    c = Table(title="Collisions: measured (predicted by uniform hashing)", title_justify="left")
+    for col in ("layer", "n", "keys", "slots/head", "occupied", "colliding", "colliding (weighted)", "max load", "indistinguishable"):
+        c.add_column(col, justify="right")
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for r in heads:
+        groups.setdefault((r["layer"], r["n"]), []).append(r)
+    summary = {(r["layer"], r["n"]): r for r in rows if r.get("head") is None or r.get("head", 0) < 0}
+    import statistics
+
+    for (layer, n), hs in groups.items():
+        s = summary.get((layer, n), {})
+        med = lambda k: statistics.median(h[k] for h in hs)  # noqa: E731
+        c.add_row(str(layer), str(n), f"{hs[0]['keys']:,}", f"{int(med('slots')):,}",
+                  f"{med('occupied_share'):.1%} ({med('occupied_share_pred'):.1%})",
+                  f"{med('colliding_share'):.2%} ({med('colliding_share_pred'):.2%})",
+                  f"{med('colliding_share_weighted'):.2%}",
+                  f"{int(max(h['max_load'] for h in hs))} ({med('max_load_pred'):.1f})",
+                  f"{s.get('indistinguishable_share', float('nan')):.2%} ({s.get('indistinguishable_share_pred', float('nan')):.2%})")
+    out.print(c)
+    out.print("[dim]per-head figures are medians over the order's heads; indistinguishable = collides with the "
+              "same n-gram in every head[/]")
