@@ -185,6 +185,49 @@ def _check_config(c: BuildTablesConfig) -> None:
          "e.g. `engram build-tables corpus/*.txt --vocab out/vocab --out out/tables`")
 
 
+def prefetch(iterator, depth: int = 2):
+    """Run ``iterator`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Tokenization (Rust, releases the GIL) then overlaps with counting in the calling thread.
+    An exception in the producer is re-raised in the consumer; closing the consumer early stops
+    the producer at its next item.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                q.put((True, item))
+            q.put((True, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((False, e))
+
+    thread = threading.Thread(target=produce, name="engram-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
 def _count_corpus(config, tok, vocab, progress):
     from engram_cli.corpus import CorpusSpec, CorpusStats, corpus_fingerprint, iter_tokenized
     from engram_cli.ngrams import NgramCounter
@@ -194,7 +237,8 @@ def _count_corpus(config, tok, vocab, progress):
     fingerprint = corpus_fingerprint(spec)
     stats = CorpusStats()
     counter = NgramCounter(config.max_n, vocab_size=vocab.canonical_vocab_size, spill_dir=config.spill_dir)
-    for batch in iter_tokenized(spec, tok.tokenizer, stats=stats, batch_size=config.batch_size, progress=progress):
+    batches = iter_tokenized(spec, tok.tokenizer, stats=stats, batch_size=config.batch_size, progress=progress)
+    for batch in prefetch(batches):
         for ids in batch:
             counter.add(vocab.table[ids])
     if stats.tokens == 0:
