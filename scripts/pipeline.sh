@@ -10,8 +10,14 @@ OUT="${1:-out/sample}"
 ENGRAM="${ENGRAM_VENV:-.venv}/bin/engram"
 mkdir -p "$OUT"
 
-echo "== 1/1 normalize-vocab: canonicalize the DeepSeek 128k vocabulary" >&2
+CORPUS=(sample_data/sotu/*.txt sample_data/zh_classics.jsonl)
+
+echo "== 1/2 normalize-vocab: canonicalize the DeepSeek 128k vocabulary" >&2
 "$ENGRAM" normalize-vocab --out "$OUT/vocab" --force
+
+echo "== 2/2 build-tables: n-gram statistics, a table plan for a 4-layer model, collisions" >&2
+"$ENGRAM" build-tables "${CORPUS[@]}" --vocab "$OUT/vocab" --out "$OUT/tables" \
+    --layers 1 --heads 4 --embed-dim 16 --target-collision-rate 0.25 --sweep --top 10 --force
 
 echo >&2
 echo "== done. Artifacts:" >&2
