@@ -1,0 +1,605 @@
+"""Corpus input: text files, JSON lines, Parquet and Hugging Face datasets, as a document stream.
+
+``engram build-tables``, ``engram train`` and ``engram inspect-gates`` read their text through
+this module, so they accept the same inputs (``docs/corpus.md`` is the user-facing description):
+
+* ``.txt`` / ``.md``: UTF-8 text; one document per file (``doc_mode="file"``) or one per non-empty
+  line (``doc_mode="line"``);
+* ``.jsonl`` / ``.ndjson`` / ``.json``: one JSON object per line, the document in field
+  ``text_column`` (a ``.json`` file that holds one JSON array of objects is read whole);
+* ``.parquet``: column ``text_column``, read one record batch at a time;
+* a directory written by HF ``datasets``' ``save_to_disk`` (a Dataset, or a DatasetDict of which
+  ``hf_split`` is read);
+* ``hf:NAME`` or ``hf:NAME:CONFIG``: a Hugging Face hub dataset, streamed (needs a network);
+* any other directory: the supported files under it, recursively, in sorted order; a glob: its
+  matches in sorted order.
+
+Everything streams: memory does not grow with the size of the corpus, except that a whole file is
+one document in ``file`` mode and a ``.json`` array is parsed whole.
+
+Documents are numbered in reading order (sources in the order given); empty or blank documents
+get no number. ``shard=(I, N)`` keeps the documents whose number is I modulo N, so N machines
+reading the same inputs split them without overlap (every machine still reads all inputs).
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from engram_cli.artifacts import sha256_file
+from engram_cli.errors import ConfigError, InputError
+from engram_cli.progress import ProgressFn, report
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+HUB_PREFIX = "hf:"
+
+# Tokenizer batches are closed at this many documents or this many UTF-8 bytes, whichever comes
+# first: the byte cap keeps a batch of whole-file documents from holding gigabytes of text.
+DEFAULT_BATCH_SIZE = 1024           # documents; see docs/corpus.md for the measurement
+DEFAULT_BATCH_BYTES = 4 << 20       # 4 MiB of text per tokenizer call
+_READ_CHUNK = 4 << 20               # bytes per read in the UTF-8 check
+_PARQUET_BATCH_ROWS = 1024          # rows per Parquet record batch
+_HF_BATCH_ROWS = 1000               # rows per batch read from a save_to_disk dataset
+_MAX_BAD_RECORDS_KEPT = 20          # bad-record examples kept in CorpusStats
+
+
+@dataclass
+class CorpusSpec:
+    """What to read and which part of it. Built by the CLI from the shared corpus options."""
+
+    sources: list[str]                       # paths, globs, directories or hf:NAME[:CONFIG]
+    text_column: str = "text"                # field / column holding the text (jsonl, parquet, datasets)
+    doc_mode: Literal["file", "line"] = "file"  # .txt/.md: a document per file, or per non-empty line
+    shard: tuple[int, int] | None = None     # (I, N): keep documents whose index % N == I
+    max_tokens: int | None = None            # stop after this many tokens (per shard); None = all
+    hf_split: str = "train"                  # split of a DatasetDict or hub dataset
+    skip_bad_files: bool = True              # skip (and count) unreadable / non-UTF-8 files; else refuse
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sources, (str, os.PathLike)):
+            self.sources = [self.sources]
+        self.sources = [str(s) for s in self.sources]
+        if not self.sources:
+            raise ConfigError("no corpus given", "pass one or more files, directories, globs or hf:NAME")
+        if self.doc_mode not in ("file", "line"):
+            raise ConfigError(f"unknown document mode {self.doc_mode!r}", "use `file` or `line`")
+        if self.shard is not None:
+            i, n = self.shard
+            if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
+                raise ConfigError(f"shard {i}/{n} is impossible", "pass --shard I/N with 0 <= I < N")
+            self.shard = (i, n)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be positive, got {self.max_tokens}",
+                              "pass a positive --max-tokens or leave it out")
+        if not self.text_column:
+            raise ConfigError("the text column name is empty", "pass --text-column NAME")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)``, checking 0 <= I < N (for ``--shard``)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"shard {text!r} is not of the form I/N", "pass e.g. --shard 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"shard {text} is impossible", "pass --shard I/N with 0 <= I < N")
+    return i, n
+
+
+@dataclass
+class CorpusStats:
+    """Figures about what was read; filled in while iterating."""
+
+    documents: int = 0          # documents yielded (in this shard, within max_tokens)
+    tokens: int = 0             # tokens yielded (iter_tokenized only)
+    files: int = 0              # files / datasets opened and read
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), skipped
+    bytes: int = 0              # UTF-8 bytes of the documents yielded
+    documents_seen: int = 0     # documents read in all shards (before the shard filter)
+    bad_records: int = 0        # JSON lines / records skipped (malformed, or text not a string)
+    bad_record_examples: list[tuple[str, str]] = field(default_factory=list)  # ("path:line", reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "documents": self.documents, "tokens": self.tokens, "files": self.files,
+            "bytes": self.bytes, "documents_seen": self.documents_seen,
+            "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files],
+            "bad_records": self.bad_records,
+            "bad_record_examples": [{"where": w, "reason": r} for w, r in self.bad_record_examples],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# resolving sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """One resolved input: a file, a save_to_disk directory or a hub dataset."""
+
+    kind: Literal["text", "json", "parquet", "hf_disk", "hf_hub"]
+    location: str                # file or directory path; hub dataset name for hf_hub
+    config: str | None = None    # hub dataset configuration (hf_hub only)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """True for a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "dataset_info.json").is_file() and (path / "state.json").is_file())
+
+
+def _kind_of(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    return None
+
+
+def _walk(directory: Path) -> Iterator[Source]:
+    """Supported files under ``directory`` in sorted order; hidden entries are ignored."""
+    for entry in sorted(directory.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if is_saved_dataset(entry):
+                yield Source("hf_disk", str(entry))
+            else:
+                yield from _walk(entry)
+        elif (kind := _kind_of(entry)) is not None:
+            yield Source(kind, str(entry))
+
+
+def _resolve_path(path: Path, given: str) -> list[Source]:
+    if path.is_dir():
+        if is_saved_dataset(path):
+            return [Source("hf_disk", str(path))]
+        found = list(_walk(path))
+        if not found:
+            raise InputError(f"directory {given} holds no corpus files",
+                             f"put {', '.join(SUPPORTED)} files in it, or pass the files themselves")
+        return found
+    kind = _kind_of(path)
+    if kind is None:
+        raise InputError(f"{given}: unsupported file type {path.suffix or '(no extension)'!r}",
+                         f"pass {', '.join(SUPPORTED)} files or a dataset directory made by save_to_disk")
+    return [Source(kind, str(path))]
+
+
+def resolve_sources(spec: CorpusSpec) -> list[Source]:
+    """Expand the spec's sources (globs sorted, directories walked) into an ordered list.
+
+    A path or glob that matches nothing raises :class:`InputError` naming it. A file reached
+    twice (overlapping globs) is read once, at its first place.
+    """
+    out: list[Source] = []
+    for given in spec.sources:
+        if given.startswith(HUB_PREFIX):
+            name, _, config = given[len(HUB_PREFIX):].partition(":")
+            if not name:
+                raise InputError(f"{given!r} names no dataset", "write hf:NAME or hf:NAME:CONFIG")
+            out.append(Source("hf_hub", name, config or None))
+        elif glob.has_magic(given):
+            matches = sorted(glob.glob(given, recursive=True))
+            if not matches:
+                raise InputError(f"no file matches {given}", "check the pattern (quote it so the shell does not expand it)")
+            for m in matches:
+                out += _resolve_path(Path(m), m)
+        else:
+            path = Path(given).expanduser()
+            if not path.exists():
+                raise InputError(f"corpus path {given} does not exist", "check the path")
+            out += _resolve_path(path, given)
+    seen: set[Source] = set()
+    unique = []
+    for s in out:
+        if s not in seen:
+            seen.add(s)
+            unique.append(s)
+    return unique
+
+
+# ---------------------------------------------------------------------------------------------
+# reading one source
+
+
+class _BadFile(Exception):
+    """Raised inside a reader for a file to skip (or refuse); carries the reason."""
+
+
+class _Reader:
+    """Reads sources into raw texts (None / blank = no document) and applies the bad-input policy."""
+
+    def __init__(self, spec: CorpusSpec, stats: CorpusStats):
+        self.spec = spec
+        self.stats = stats
+
+    def bad_record(self, where: str, reason: str) -> None:
+        if not self.spec.skip_bad_files:
+            raise InputError(f"{where}: {reason}",
+                             "fix or remove the record; without --no-skip-bad-files bad records are skipped")
+        self.stats.bad_records += 1
+        if len(self.stats.bad_record_examples) < _MAX_BAD_RECORDS_KEPT:
+            self.stats.bad_record_examples.append((where, reason))
+
+    def texts(self, source: Source) -> Iterator[str | None]:
+        reader = {"text": self._text, "json": self._json, "parquet": self._parquet,
+                  "hf_disk": self._hf_disk, "hf_hub": self._hf_hub}[source.kind]
+        it = reader(source)
+        try:
+            next(it)  # the reader's "opened" marker: opening errors surface before any document
+        except _BadFile as e:
+            self._skip(source.location, str(e))
+            return
+        self.stats.files += 1
+        yield from it
+
+    def _skip(self, path: str, reason: str) -> None:
+        if not self.spec.skip_bad_files:
+            raise InputError(f"cannot read {path}: {reason}",
+                             "fix, convert (e.g. `iconv -f latin1 -t utf-8`) or remove the file; "
+                             "without --no-skip-bad-files it is skipped")
+        self.stats.skipped_files.append((path, reason))
+
+    # Each reader first yields one marker ("") once the file is open and valid, which ``texts``
+    # drops, so that opening and validation errors are raised before any document leaves.
+
+    def _text(self, source: Source) -> Iterator[str | None]:
+        path = source.location
+        if self.spec.doc_mode == "file":
+            data = _read_bytes(path)
+            try:
+                text = data.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise _BadFile(f"not valid UTF-8 (byte {e.start})") from None
+            yield ""
+            yield text
+            return
+        _check_utf8(path)
+        yield ""
+        with open(path, encoding="utf-8-sig", newline=None) as f:
+            for line in f:
+                yield line.rstrip("\n")
+
+    def _json(self, source: Source) -> Iterator[str | None]:
+        path = source.location
+        _check_utf8(path)
+        col = self.spec.text_column
+        with open(path, encoding="utf-8-sig") as f:
+            head = f.read(1 << 12).lstrip()
+        if head.startswith("["):  # one JSON array: parsed whole
+            try:
+                with open(path, encoding="utf-8-sig") as f:
+                    records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise _BadFile(f"not valid JSON (line {e.lineno})") from None
+            yield ""
+            for i, rec in enumerate(records):
+                yield self._field(rec, col, path, f"{path}[{i}]", first=i == 0)
+            return
+        yield ""
+        first = True
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    self.bad_record(f"{path}:{lineno}", f"not valid JSON ({e.msg})")
+                    continue
+                yield self._field(rec, col, path, f"{path}:{lineno}", first=first)
+                first = False
+
+    def _field(self, rec: Any, col: str, path: str, where: str, *, first: bool) -> str | None:
+        if not isinstance(rec, dict):
+            self.bad_record(where, f"a JSON {type(rec).__name__}, not an object")
+            return None
+        if col not in rec:
+            if first:
+                raise missing_column_error(path, col, list(rec), [k for k, v in rec.items() if isinstance(v, str)])
+            return None
+        value = rec[col]
+        if value is None or isinstance(value, str):
+            return value
+        self.bad_record(where, f"field {col!r} is a {type(value).__name__}, not a string")
+        return None
+
+    def _parquet(self, source: Source) -> Iterator[str | None]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path, col = source.location, self.spec.text_column
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise _BadFile(f"not a readable Parquet file ({_first_line(e)})") from None
+        schema = pf.schema_arrow
+        if col not in schema.names:
+            texty = [f.name for f in schema if _is_text_type(f.type)]
+            raise missing_column_error(path, col, schema.names, texty)
+        if not _is_text_type(schema.field(col).type):
+            raise InputError(f"{path}: column {col!r} holds {schema.field(col).type}, not text",
+                             "pass --text-column with a string column")
+        yield ""
+        try:
+            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[col]):
+                yield from batch.column(0).to_pylist()
+        except (pa.ArrowException, OSError) as e:  # corruption after the first batches
+            raise InputError(f"{path} is damaged: {_first_line(e)}", "recreate or remove the file") from None
+
+    def _hf_disk(self, source: Source) -> Iterator[str | None]:
+        import datasets
+
+        path, col = source.location, self.spec.text_column
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as e:  # datasets raises several types for damaged directories
+            raise _BadFile(f"not a loadable save_to_disk dataset ({_first_line(e)})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if self.spec.hf_split not in ds:
+                raise InputError(f"dataset {path} has no split {self.spec.hf_split!r} (splits: {', '.join(ds)})",
+                                 f"pass --hf-split with one of: {', '.join(ds)}")
+            ds = ds[self.spec.hf_split]
+        if col not in ds.column_names:
+            texty = [k for k, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+            raise missing_column_error(path, col, ds.column_names, texty)
+        yield ""
+        for batch in ds.select_columns([col]).iter(batch_size=_HF_BATCH_ROWS):
+            yield from batch[col]
+
+    def _hf_hub(self, source: Source) -> Iterator[str | None]:
+        name, col = source.location, self.spec.text_column
+        label = HUB_PREFIX + name + (f":{source.config}" if source.config else "")
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(name, source.config, split=self.spec.hf_split, streaming=True)
+            records = iter(ds)
+            first = next(records, None)
+        except Exception as e:  # network, auth, unknown name or split: all user-fixable
+            raise InputError(f"cannot open hub dataset {label} ({_first_line(e)})",
+                             "check the name, split and network; offline, pass a directory made by save_to_disk") from e
+        if first is None:
+            yield ""
+            return
+        if col not in first:
+            raise missing_column_error(label, col, list(first), [k for k, v in first.items() if isinstance(v, str)])
+        yield ""
+        yield first[col]
+        for rec in records:
+            yield rec.get(col)
+
+
+def missing_column_error(where: str, col: str, columns: list[str], text_columns: list[str]) -> InputError:
+    """The error for a text column that is not there, listing the columns that are."""
+    suggest = text_columns or columns
+    hint = (f"pass --text-column {suggest[0]}" + (f" (text columns: {', '.join(suggest)})" if len(suggest) > 1 else "")
+            if suggest else "pass --text-column NAME")
+    return InputError(f"{where} has no column {col!r} (columns: {', '.join(map(str, columns)) or 'none'})", hint)
+
+
+def _is_text_type(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or (
+        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise _BadFile(f"unreadable ({e.strerror or type(e).__name__})") from None
+
+
+def _check_utf8(path: str) -> None:
+    """Raise _BadFile unless the whole file decodes as UTF-8 (streamed, constant memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_READ_CHUNK):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    raise _BadFile(f"not valid UTF-8 (byte {offset + e.start})") from None
+                offset += len(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise _BadFile("not valid UTF-8 (truncated sequence at the end)") from None
+    except OSError as e:
+        raise _BadFile(f"unreadable ({e.strerror or type(e).__name__})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# document and token streams
+
+
+def iter_documents(spec: CorpusSpec, stats: CorpusStats | None = None) -> Iterator[str]:
+    """The documents of the corpus (this shard's), in reading order.
+
+    Sources are resolved at once, so a missing path raises here rather than at the first
+    ``next``. Fills ``stats`` (documents, bytes, files, skipped files, bad records). Raises
+    :class:`InputError` when the corpus (or this shard of it) has no document.
+    """
+    stats = CorpusStats() if stats is None else stats
+    sources = resolve_sources(spec)
+    return _documents(spec, sources, stats)
+
+
+def _documents(spec: CorpusSpec, sources: list[Source], stats: CorpusStats) -> Iterator[str]:
+    reader = _Reader(spec, stats)
+    shard_i, shard_n = spec.shard or (0, 1)
+    for source in sources:
+        for text in reader.texts(source):
+            if not text or text.isspace():
+                continue
+            index = stats.documents_seen
+            stats.documents_seen += 1
+            if index % shard_n != shard_i:
+                continue
+            stats.documents += 1
+            stats.bytes += len(text.encode("utf-8"))
+            yield text
+    if stats.documents == 0:
+        raise empty_corpus_error(spec, stats)
+
+
+def empty_corpus_error(spec: CorpusSpec, stats: CorpusStats) -> InputError:
+    if stats.documents_seen and spec.shard:
+        i, n = spec.shard
+        return InputError(f"corpus is empty for shard {i}/{n}: the corpus has only {stats.documents_seen} documents",
+                          "use fewer shards")
+    skipped = f", {len(stats.skipped_files)} files skipped as unreadable" if stats.skipped_files else ""
+    return InputError(f"corpus is empty: no documents in {', '.join(spec.sources)}{skipped}",
+                      "check the paths, --text-column and --doc-mode")
+
+
+def _batches(docs: Iterator[str], batch_size: int, batch_bytes: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if len(batch) >= batch_size or size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def iter_tokenized(spec: CorpusSpec, tokenizer, *, stats: CorpusStats | None = None,
+                   batch_size: int = DEFAULT_BATCH_SIZE, batch_bytes: int = DEFAULT_BATCH_BYTES,
+                   progress: ProgressFn | None = None) -> Iterator[list[np.ndarray]]:
+    """Tokenize the corpus in batches; yields, per batch, one int32 array of ORIGINAL ids per document.
+
+    ``tokenizer`` is a ``tokenizers.Tokenizer`` (``LoadedTokenizer.tokenizer``). Special tokens are
+    not added. A batch closes at ``batch_size`` documents or ``batch_bytes`` characters. With
+    ``spec.max_tokens`` the last document is cut so that at most that many tokens come out
+    overall, and no further document is read. ``stats.documents``/``bytes`` then count only the
+    documents that were (partly) yielded. Reports ``progress("tokenize", tokens, max_tokens,
+    documents=..., tokens=..., skipped_files=...)`` after every batch.
+    """
+    if batch_size < 1 or batch_bytes < 1:
+        raise ConfigError("the tokenizer batch size must be positive", "pass a positive batch size")
+    stats = CorpusStats() if stats is None else stats
+    docs = iter_documents(spec, stats)
+    return _tokenized(spec, tokenizer, docs, stats, batch_size, batch_bytes, report(progress))
+
+
+def _tokenized(spec, tokenizer, docs, stats, batch_size, batch_bytes, progress) -> Iterator[list[np.ndarray]]:
+    limit = spec.max_tokens
+    tokens = documents = nbytes = 0
+    for batch in _batches(docs, batch_size, batch_bytes):
+        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
+        out = [np.array(e.ids, dtype=np.int32) for e in encodings]
+        done = False
+        if limit is not None and tokens + sum(len(a) for a in out) >= limit:
+            kept = []
+            for a in out:  # keep whole documents, then cut the one that crosses the limit
+                if tokens + len(a) >= limit:
+                    kept.append(a[: limit - tokens])
+                    tokens = limit
+                    break
+                kept.append(a)
+                tokens += len(a)
+            out, done = kept, True
+        else:
+            tokens += sum(len(a) for a in out)
+        documents += len(out)
+        nbytes += sum(len(d.encode("utf-8")) for d in batch[: len(out)])
+        stats.tokens, stats.documents, stats.bytes = tokens, documents, nbytes
+        progress("tokenize", tokens, limit, documents=documents, tokens=tokens,
+                 skipped_files=len(stats.skipped_files))
+        yield out
+        if done:
+            return
+    if tokens == 0:
+        raise InputError(f"corpus is empty: its {documents} documents hold no tokens",
+                         "check the input files and --text-column")
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprint for manifests
+
+
+def corpus_fingerprint(spec: CorpusSpec, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """What a manifest records about the corpus: every input file with size and sha256.
+
+    ``corpus_sha256`` hashes the file contents in order with the reading options (text column,
+    document mode, split), not the paths nor the shard, so shards of one corpus read on different
+    machines (different mount points) agree on it; the merge checks that. Hub datasets are
+    recorded by name, config and split only (their content cannot be hashed without reading it).
+    """
+    progress = report(progress)
+    sources = resolve_sources(spec)
+    files: list[Path] = []
+    hub: list[dict[str, Any]] = []
+    for s in sources:
+        if s.kind == "hf_hub":
+            hub.append({"name": s.location, "config": s.config, "split": spec.hf_split})
+        elif s.kind == "hf_disk":
+            files += sorted(p for p in Path(s.location).rglob("*") if p.is_file())
+        else:
+            files.append(Path(s.location))
+    total = sum(_size(p) for p in files)
+    done = 0
+    records = []
+    h = hashlib.sha256()
+    h.update(json.dumps({"text_column": spec.text_column, "doc_mode": spec.doc_mode,
+                         "hf_split": spec.hf_split}, sort_keys=True).encode())
+    for p in files:
+        size = _size(p)
+        try:
+            digest = sha256_file(p)
+        except OSError:
+            digest = None  # unreadable: the reader skips or refuses it
+        records.append({"path": str(p), "bytes": size, "sha256": digest})
+        h.update(f"{digest} {size}\n".encode())
+        done += size
+        progress("hash", done, total)
+    for d in hub:
+        h.update(json.dumps(d, sort_keys=True).encode())
+    return {
+        "sources": list(spec.sources),
+        "text_column": spec.text_column,
+        "doc_mode": spec.doc_mode,
+        "hf_split": spec.hf_split,
+        "shard": list(spec.shard) if spec.shard else None,
+        "max_tokens": spec.max_tokens,
+        "files": records,
+        "hub": hub,
+        "bytes": total,
+        "corpus_sha256": h.hexdigest(),
+    }
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
