@@ -57,6 +57,8 @@ class BuildTablesConfig:
     text_column: str = "text"                    # field of JSONL/Parquet/datasets inputs
     doc_mode: str = "file"                       # .txt/.md: "file" (one document) or "line"
     max_tokens: int | None = None                # stop after this many tokens
+    hf_split: str = "train"                      # split of a datasets directory / hub dataset
+    skip_bad_files: bool = True                  # skip (and count) unreadable / non-UTF-8 files
     shard: tuple[int, int] | None = None         # (I, N): count 1/N of the documents, write counts only
     from_shards: list[Path] = field(default_factory=list)  # merge these shard artifacts instead of reading
     max_n: int = 3                               # largest n-gram order (reference: 3)
@@ -233,14 +235,15 @@ def _count_corpus(config, tok, vocab, progress):
     from engram_cli.ngrams import NgramCounter
 
     spec = CorpusSpec(sources=list(config.sources), text_column=config.text_column, doc_mode=config.doc_mode,
-                      shard=config.shard, max_tokens=config.max_tokens)
+                      shard=config.shard, max_tokens=config.max_tokens, hf_split=config.hf_split,
+                      skip_bad_files=config.skip_bad_files)
     fingerprint = corpus_fingerprint(spec)
     stats = CorpusStats()
     counter = NgramCounter(config.max_n, vocab_size=vocab.canonical_vocab_size, spill_dir=config.spill_dir)
     batches = iter_tokenized(spec, tok.tokenizer, stats=stats, batch_size=config.batch_size, progress=progress)
     for batch in prefetch(batches):
-        for ids in batch:
-            counter.add(vocab.table[ids])
+        # tokenizer ids are always < vocab size, so the table is indexed without a range check
+        counter.add_many(vocab.table[ids] for ids in batch)
     if stats.tokens == 0:
         raise InputError("the corpus yielded no tokens" + (f" (skipped {len(stats.skipped_files)} unreadable files)"
                                                            if stats.skipped_files else ""),
@@ -252,13 +255,17 @@ def _count_corpus(config, tok, vocab, progress):
 def _merge_shards(config, vocab, progress):
     from engram_cli.ngrams import NgramStats, merge_stats
 
-    seen, parts, inputs = {}, [], []
+    seen, parts, inputs, corpus_ids = {}, [], [], set()
     for d in config.from_shards:
         m = read_manifest(d, "engram.ngram_shard")
         if m["inputs"]["vocab"]["sha256"] != vocab.fingerprint:
             raise ArtifactError(f"shard {d} was counted with another vocab map",
                                 f"recount it with --vocab {config.vocab}, or pass the matching --vocab")
         i, n = m["config"]["shard"]
+        corpus_ids.add(m["inputs"]["corpus"].get("corpus_sha256"))
+        if len(corpus_ids) > 1:
+            raise InputError(f"shard {d} was counted over a different corpus than the others",
+                             "count every shard over the same inputs and options")
         if i in seen:
             raise InputError(f"shards {seen[i]} and {d} are both shard {i}/{n}", "pass each shard once")
         seen[i] = d

@@ -62,6 +62,8 @@ def build_tables_command(
     text_column: Annotated[str, typer.Option("--text-column", help="Text field of JSONL/Parquet/datasets inputs.")] = "text",
     doc_mode: Annotated[str, typer.Option("--doc-mode", help="Plain-text files: `file` (one document each) or `line` (one per line).")] = "file",
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")] = None,
+    hf_split: Annotated[str, typer.Option("--hf-split", help="Split of a `datasets` directory or hub dataset.")] = "train",
+    skip_bad_files: Annotated[bool, typer.Option("--skip-bad-files/--no-skip-bad-files", help="Skip unreadable or non-UTF-8 files with a counted warning, or refuse them.")] = True,
     max_n: Annotated[int, typer.Option("--max-n", help="Largest n-gram order (reference: 3).")] = 3,
     layers: Annotated[str, typer.Option("--layers", metavar="IDS", help="Engram layer ids, comma-separated (reference: 1,15).")] = "1,15",
     heads: Annotated[int, typer.Option("--heads", min=1, help="Hash heads per order (reference: 8).")] = 8,
@@ -95,6 +97,7 @@ def build_tables_command(
     config = BuildTablesConfig(
         vocab=vocab, out=out, sources=sources, tokenizer=tokenizer, text_column=text_column,
         doc_mode=_choice("--doc-mode", doc_mode, ("file", "line")), max_tokens=max_tokens,
+        hf_split=hf_split, skip_bad_files=skip_bad_files,
         shard=parse_shard(shard) if shard else None, from_shards=shards, max_n=max_n,
         layer_ids=parse_layers(layers), n_head_per_ngram=heads, seed=seed, pad_id=pad_id,
         embed_dim_per_head=embed_dim, target_size=target_size, target_collision_rate=target_collision_rate,
