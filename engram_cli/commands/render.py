@@ -10,9 +10,10 @@ from typing import Any
 
 from rich.console import Console
 
-#: results go to stdout; progress and logs to stderr
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+#: results go to stdout; progress and logs to stderr. Piped output (logs, CI) gets 140 columns
+#: instead of Rich's 80 so that wide report tables stay readable; a terminal keeps its width.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
 
 _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", " ": "␣"}
 
