@@ -20,7 +20,4 @@ echo "== 2/2 build-tables: n-gram statistics, a table plan for a 4-layer model, 
     --layers 1 --heads 4 --embed-dim 16 --target-collision-rate 0.25 --sweep --top 10 --force
 
 echo >&2
-echo "== done. Artifacts:" >&2
-for d in "$OUT"/*/; do
-    printf '  %-28s %s\n' "$d" "$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(m["format"], {k: v for k, v in m["summary"].items() if not isinstance(v, (list, dict))})' "$d/manifest.json")"
-done
+"${ENGRAM_VENV:-.venv}/bin/python" scripts/summarize.py "$OUT"
