@@ -342,12 +342,14 @@ def _order_rows(ngrams, max_n: int) -> list[dict]:
     for n in range(1, max_n + 1):
         total, distinct = ngrams.total(n), ngrams.distinct(n)
         cov = ngrams.coverage(n, [100, 1000, 10000])
-        singletons = int(ngrams.count_of_counts(n, max_c=1)[1])
+        coc = ngrams.count_of_counts(n, max_c=10)  # [c] = n-grams seen exactly c times; [-1] = more
+        singletons = int(coc[1])
         rows.append({"n": n, "total": int(total), "distinct": int(distinct),
                      "singletons": singletons,
                      "singleton_share": singletons / distinct if distinct else 0.0,
                      "coverage_top100": float(cov[0]), "coverage_top1000": float(cov[1]),
-                     "coverage_top10000": float(cov[2])})
+                     "coverage_top10000": float(cov[2]),
+                     "count_of_counts": {**{str(c): int(coc[c]) for c in range(1, 11)}, ">10": int(coc[-1])}})
     return rows
 
 

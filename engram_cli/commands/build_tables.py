@@ -136,11 +136,13 @@ def render(result) -> None:
     out.print(f"[bold]Corpus[/] {result.documents:,} documents, {result.tokens:,} tokens "
               f"[dim]({result.tokens_per_second:,.0f} tokens/s; {len(result.skipped_files)} files skipped)[/]")
     t = Table(title="Distinct n-grams per order", title_justify="left")
-    for col in ("n", "occurrences", "distinct", "seen once", "top-100 cover", "top-10k cover"):
+    for col in ("n", "occurrences", "distinct", "seen once", "twice", "3-10×", ">10×", "top-100 cover", "top-10k cover"):
         t.add_column(col, justify="right")
     for r in result.orders:
-        t.add_row(str(r["n"]), f"{r['total']:,}", f"{r['distinct']:,}", f"{r['singleton_share']:.1%}",
-                  f"{r['coverage_top100']:.1%}", f"{r['coverage_top10000']:.1%}")
+        coc = r["count_of_counts"]
+        mid = sum(coc[str(c)] for c in range(3, 11))
+        t.add_row(str(r["n"]), f"{r['total']:,}", f"{r['distinct']:,}", f"{coc['1']:,}", f"{coc['2']:,}", f"{mid:,}",
+                  f"{coc['>10']:,}", f"{r['coverage_top100']:.1%}", f"{r['coverage_top10000']:.1%}")
     out.print(t)
     if result.kind == "shard":
         out.print(f"[dim]wrote shard counts to[/] {result.out}/ [dim](merge with --from-shards)[/]")
