@@ -882,8 +882,11 @@ def inspect_corpus(config: GateConfig, progress: ProgressFn | None = None) -> Co
             pq.write_table(_ngram_table(tables, run.layer_ids, run.hc_mult), w.path(NGRAMS_FILE))
             pq.write_table(_histogram_table(agg.hist, labels, config.bins), w.path(HISTOGRAM_FILE))
             pq.write_table(_rows_table(freq), w.path(FREQUENCY_FILE))
-            plot_gate_histogram(agg.hist, labels, w.path(HISTOGRAM_PNG), title=f"Engram gate α — {run.label}")
-            plot_gate_by_frequency(freq, labels, w.path(FREQUENCY_PNG), title=f"Mean gate α by token frequency — {run.label}")
+            sub = f"{run.label} · {agg.documents:,} documents, {agg.tokens:,} tokens"
+            plot_gate_histogram(agg.hist, labels, w.path(HISTOGRAM_PNG), title="Engram gate α: distribution",
+                                subtitle=sub)
+            plot_gate_by_frequency(freq, labels, w.path(FREQUENCY_PNG), title="Engram gate α by token frequency",
+                                   subtitle=sub + " · band: ±1 s.d.")
             result.seconds = round(time.perf_counter() - t0, 3)
             w.config = _config_record(config)
             w.inputs = {"run": _run_record(run), "tokenizer": run.tokenizer.describe(),
@@ -1117,7 +1120,7 @@ def plot_gate_heatmap(traces: Sequence[GateTrace], path_png: str | os.PathLike |
         cb.set_label("gate α", fontsize=7, labelpad=3)
         title = "Engram gate α — " + " vs ".join(t.label for t in traces)
         fig.text(left / width, 1 - 0.12 / height, title, fontsize=8.5, fontweight="bold", ha="left", va="top")
-        sub = f"{T} tokens · {', '.join('layer ' + str(i) for i in traces[0].layer_ids)}"
+        sub = f"{T} tokens · Engram layers {', '.join(str(i) for i in traces[0].layer_ids)}"
         if traces[0].hc_mult > 1:
             sub += f" · {traces[0].hc_mult} hyper-connection branches"
         fig.text(left / width, 1 - 0.27 / height, sub, fontsize=6.5, color="0.35", ha="left", va="top")
@@ -1129,7 +1132,8 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def plot_gate_histogram(hist: np.ndarray, labels: list[str], path_png: str | os.PathLike, *, title: str) -> list[str]:
+def plot_gate_histogram(hist: np.ndarray, labels: list[str], path_png: str | os.PathLike, *, title: str,
+                        subtitle: str = "") -> list[str]:
     """One panel per Engram layer: the share of tokens per gate bin (branches overlaid), with the mean."""
     from matplotlib import colormaps, rc_context
 
@@ -1141,7 +1145,7 @@ def plot_gate_histogram(hist: np.ndarray, labels: list[str], path_png: str | os.
         layers.setdefault(lab.split(".")[0], []).append(r)
     rc, warnings = _font_rc([title])
     with rc_context(rc):
-        fig = _new_figure(0.5 + 2.3 * len(layers), 2.0)
+        fig = _new_figure(max(0.5 + 2.3 * len(layers), 3.6), 2.0 + _TITLE_BAND)
         axs = fig.subplots(1, len(layers), sharey=True, squeeze=False)[0]
         for ax, (layer, rows) in zip(axs, layers.items()):
             for j, r in enumerate(rows):
@@ -1155,9 +1159,10 @@ def plot_gate_histogram(hist: np.ndarray, labels: list[str], path_png: str | os.
                 else:
                     ax.stairs(share, edges, color=color, linewidth=1.0, label=name)
                 ax.axvline(mean, color="0.15" if len(rows) == 1 else color, linestyle="--", linewidth=0.7)
-                ax.text(mean, 0.97 - 0.09 * j, f" mean {mean:.2f}", transform=ax.get_xaxis_transform(),
-                        fontsize=6, va="top", ha="left" if mean < 0.7 else "right",
-                        color="0.15" if len(rows) == 1 else color)
+                ax.text(mean + (0.015 if mean < 0.7 else -0.015), 0.98 - 0.1 * j, f"mean {mean:.2f}",
+                        transform=ax.get_xaxis_transform(), fontsize=6, va="top",
+                        ha="left" if mean < 0.7 else "right", color="0.15" if len(rows) == 1 else color,
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.8, "alpha": 0.85})
             ax.set_title(f"layer {layer[1:]}", fontsize=7.5)
             ax.set_xlim(0, 1)
             ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0", "0.25", "0.5", "0.75", "1"])
@@ -1166,21 +1171,20 @@ def plot_gate_histogram(hist: np.ndarray, labels: list[str], path_png: str | os.
             if len(rows) > 1:
                 ax.legend(fontsize=6, frameon=False, loc="upper left")
         axs[0].set_ylabel("share of tokens (%)")
-        fig.suptitle(title, fontsize=8.5, fontweight="bold", x=0.02, ha="left")
-        fig.tight_layout(pad=0.4)
+        fig.tight_layout(pad=0.4, w_pad=1.5, rect=_titles(fig, title, subtitle))
         warnings += _save(fig, path_png)
     return warnings
 
 
 def plot_gate_by_frequency(rows: list[dict[str, Any]], labels: list[str], path_png: str | os.PathLike, *,
-                           title: str) -> list[str]:
+                           title: str, subtitle: str = "") -> list[str]:
     """Mean gate (± one standard deviation) by token-frequency bucket, and the tokens per bucket."""
     from matplotlib import rc_context
     from matplotlib.ticker import FixedLocator, NullLocator
 
     rc, warnings = _font_rc([title])
     with rc_context(rc):
-        fig = _new_figure(4.6, 3.3)
+        fig = _new_figure(4.6, 3.2 + _TITLE_BAND)
         top_ax, bottom_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2.6, 1]})
         xs_all: list[float] = []
         for j, lab in enumerate(labels):
@@ -1213,13 +1217,23 @@ def plot_gate_by_frequency(rows: list[dict[str, Any]], labels: list[str], path_p
                                       ha="right", fontsize=5.5)
         for ax in (top_ax, bottom_ax):
             ax.spines[["top", "right"]].set_visible(False)
-        fig.suptitle(title, fontsize=8.5, fontweight="bold", x=0.02, ha="left")
-        fig.tight_layout(pad=0.4, h_pad=0.3)
+        fig.tight_layout(pad=0.4, h_pad=0.3, rect=_titles(fig, title, subtitle))
         warnings += _save(fig, path_png)
     return warnings
 
 
+_TITLE_BAND = 0.42  # inches above the axes for a title and a subtitle
+
+
+def _titles(fig, title: str, subtitle: str) -> tuple[float, float, float, float]:
+    """Title and subtitle at the top left; returns the rect the axes may fill (for tight_layout)."""
+    h = fig.get_figheight()
+    fig.text(0.012, 1 - 0.05 / h, title, fontsize=8.5, fontweight="bold", ha="left", va="top")
+    if subtitle:
+        fig.text(0.012, 1 - 0.24 / h, subtitle, fontsize=6.5, color="0.35", ha="left", va="top")
+    return (0, 0, 1, 1 - _TITLE_BAND / h)
+
+
 def _freq_label(row: dict[str, Any]) -> str:
     lo, hi = row["freq_lo"], row["freq_hi"]
-    fmt = (lambda v: f"{v / 1000:.0f}k" if v >= 10000 else f"{v:,}")  # noqa: E731
-    return fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
+    return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"

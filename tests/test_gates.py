@@ -338,8 +338,9 @@ def test_cli_compare_two_steps(run_dir, tmp_path):
 
 def test_cli_corpus_mode_end_to_end(run_dir, tmp_path):
     out = tmp_path / "gc"
-    r = invoke("-m", str(run_dir), "--corpus", CORPUS[1], "--doc-mode", "line", "--out", str(out), "-q",
-               "--min-count", "2")
+    (tmp_path / "extra.txt").write_text("One more line.\nAnd another one.\n")
+    r = invoke("-m", str(run_dir), "--corpus", CORPUS[1], str(tmp_path / "extra.txt"), "--doc-mode", "line",
+               "--out", str(out), "-q", "--min-count", "2")  # the second source arrives as a positional
     assert r.exit_code == 0, r.output
     assert "n-grams by mean gate" in r.stdout and "by token frequency" in r.stdout
     assert {p.name for p in out.iterdir()} == {"manifest.json", "ngrams.parquet", "histogram.parquet",
@@ -347,7 +348,7 @@ def test_cli_corpus_mode_end_to_end(run_dir, tmp_path):
     for png in ("gate_histogram.png", "gate_by_frequency.png"):
         assert _pixels(out / png).std() > 20
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["summary"]["documents"] == 12 and manifest["inputs"]["corpus"]["corpus_sha256"]
+    assert manifest["summary"]["documents"] == 14 and manifest["inputs"]["corpus"]["corpus_sha256"]
 
 
 # ---------------------------------------------------------------------------------------------

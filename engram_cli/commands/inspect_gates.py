@@ -138,7 +138,8 @@ def legend():
     """``gate α 0.0 ▏shades▕ 1.0`` as a Rich Text."""
     from rich.text import Text
 
-    t = Text("gate α  0.0 ", style="dim")
+    t = Text()
+    t.append("gate α  0.0 ", style="dim")
     for i in range(11):
         t.append("  ", style=_styled(i / 10))
     t.append(" 1.0", style="dim")
