@@ -31,7 +31,7 @@ EXAMPLES = [
 
 def inspect_gates_command(
     args: Annotated[Optional[list[str]], typer.Argument(
-        metavar="[TEXT]", show_default=False,
+        metavar="TEXT", show_default=False,
         help="The text to inspect, quoted (`-` reads stdin). With --corpus: more corpus sources.")] = None,
     model: Annotated[Path, typer.Option("--model", "-m", metavar="RUN_DIR", help="Run directory from `engram train`.")] = ...,  # type: ignore[assignment]
     file: Annotated[Optional[str], typer.Option("--file", "-f", metavar="F", help="Read the text from a UTF-8 file (`-`: stdin).")] = None,
@@ -49,6 +49,7 @@ def inspect_gates_command(
     parquet: Annotated[Optional[Path], typer.Option("--parquet", metavar="F", help="Write per-token gates as Parquet.")] = None,
     wrap: Annotated[int, typer.Option("--wrap", min=1, help="Tokens per row of the heatmap.")] = 40,
     overlap: Annotated[Optional[int], typer.Option("--overlap", min=0, help="Overlap of the windows a long text is cut into (default: half of block_size).")] = None,
+    separator: Annotated[bool, typer.Option("--separator/--no-separator", help="Read the text after the run's document separator (EOS), as in training.")] = True,
     device: Annotated[str, typer.Option("--device", help="Torch device to run the model on.")] = "cpu",
     force: Force = False,
     json_out: Json = False,
@@ -80,7 +81,7 @@ def inspect_gates_command(
         model=model, text=text, text_file=Path(file) if file else None, step=step, compare=compare,
         compare_step=compare_step, sources=sources, text_column=text_column, doc_mode=doc_mode,
         max_tokens=max_tokens, out=out, force=force, csv=csv, parquet=parquet, wrap=wrap, overlap=overlap,
-        min_count=min_count, top=top, device=device)
+        min_count=min_count, top=top, separator=separator, device=device)
     with RichProgress(enabled=not quiet and not json_out, rate_key="tokens") as progress:
         result = inspect_gates(config, progress=progress)
     if json_out:
