@@ -1,0 +1,434 @@
+"""Training checkpoints: safetensors + JSON only (no pickle), written atomically, validated on load.
+
+A run directory keeps its checkpoints under ``ckpt/``::
+
+    ckpt/step_000200/
+        model.safetensors       the model's state_dict (weights as trained, float32)
+        optimizer.safetensors   AdamW and SparseAdam state tensors (see below)
+        optimizer.json          their non-tensor parts: param groups, step counters, tensor layout
+        rng.safetensors         torch CPU generator state (uint8), CUDA states when used, numpy's MT19937 key
+        subvocab.safetensors    ``original_ids``: model id i <-> original id (engram_cli.data.SubVocab)
+        table_plan.json         the plan the model's tables follow (absent for a pure-MoE model)
+        state.json              written last: step, data position, config, input fingerprints,
+                                numpy/python RNG states, sha256 and size of every file above
+    ckpt/latest.json            {"step": 200, "dir": "step_000200"}: the newest complete checkpoint
+
+Writing: every file goes into ``ckpt/.tmp-step_000200-<pid>/`` (each fsynced), the directory is
+renamed to ``step_000200`` in one ``rename``, and only then is ``latest.json`` replaced (temp file
++ rename). A crash at any point leaves the previous checkpoint and pointer intact; a leftover temp
+directory is ignored and removed by the next run. The oldest checkpoints beyond ``keep`` are
+deleted after the pointer moves.
+
+Optimizer states: ``optimizer.state_dict()`` is split into its tensors (key
+``<optimizer>.<param index>.<name>``) and the rest (JSON). SparseAdam's ``exp_avg`` and
+``exp_avg_sq`` are as large as the Engram tables but are exactly zero in every row no step has
+touched, so for that optimizer 2-D state tensors are stored as the nonzero rows only
+(``.rows`` int64 + ``.values``) and rebuilt with zeros elsewhere — exact, and several times
+smaller for a short run over big tables.
+
+Loading checks the format, every file's sha256 and that the safetensors parse; anything wrong is
+one :class:`~engram_cli.errors.ArtifactError` naming the checkpoint and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engram_cli import __version__
+from engram_cli.artifacts import atomic_write_json, sha256_file
+from engram_cli.errors import ArtifactError
+
+CKPT_DIR = "ckpt"
+LATEST = "latest.json"
+CKPT_FORMAT = "engram.checkpoint"
+CKPT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+OPTIM_META = "optimizer.json"
+RNG_FILE = "rng.safetensors"
+SUBVOCAB_FILE = "subvocab.safetensors"
+PLAN_FILE = "table_plan.json"
+STATE_FILE = "state.json"
+
+_FIX = "resume from another checkpoint (delete this one), or start over with --force"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer and RNG states <-> tensors + JSON
+
+
+def optimizer_state_to_tensors(state_dict: dict, prefix: str, sparse_rows: bool = False
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into safetensors-ready tensors and a JSON-ready rest.
+
+    With ``sparse_rows`` 2-D state tensors keep only their nonzero rows (``<key>.rows``,
+    ``<key>.values``; the shape goes to JSON).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    state_meta: dict[str, dict[str, Any]] = {}
+    for pid, entries in state_dict["state"].items():
+        meta: dict[str, Any] = {}
+        for name, value in entries.items():
+            key = f"{prefix}.{pid}.{name}"
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu()
+                if sparse_rows and value.dim() == 2:
+                    rows = torch.nonzero(value.abs().sum(dim=1) > 0).flatten()  # (R,)
+                    tensors[f"{key}.rows"] = rows.to(torch.int64).contiguous()
+                    tensors[f"{key}.values"] = value[rows].contiguous()
+                    meta[name] = {"tensor": key, "sparse_rows": True, "shape": list(value.shape),
+                                  "dtype": str(value.dtype).removeprefix("torch.")}
+                else:
+                    tensors[key] = value.contiguous()
+                    meta[name] = {"tensor": key}
+            else:
+                meta[name] = {"value": value}
+        state_meta[str(pid)] = meta
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"state": state_meta, "param_groups": groups}
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
+    """Inverse of :func:`optimizer_state_to_tensors`: a dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for pid, entries in meta["state"].items():
+        out: dict[str, Any] = {}
+        for name, m in entries.items():
+            if "value" in m:
+                out[name] = m["value"]
+            elif m.get("sparse_rows"):
+                full = torch.zeros(m["shape"], dtype=getattr(torch, m["dtype"]))
+                full[tensors[f"{m['tensor']}.rows"]] = tensors[f"{m['tensor']}.values"]
+                out[name] = full
+            else:
+                out[name] = tensors[m["tensor"]]
+        state[int(pid)] = out
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state(cuda: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The torch CPU (and CUDA) generator states as uint8 tensors; numpy's and python's in JSON
+    (numpy's 624-word key as a tensor)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if cuda and torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda.{i}"] = s
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_key"] = torch.from_numpy(key.astype(np.int64))
+    version, words, gauss_next = random.getstate()
+    meta = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": list(words), "gauss_next": gauss_next},
+            "cuda_devices": sum(k.startswith("torch_cuda.") for k in tensors)}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    n_cuda = meta.get("cuda_devices", 0)
+    if n_cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"torch_cuda.{i}"] for i in range(min(n_cuda, torch.cuda.device_count()))])
+    n = meta["numpy"]
+    np.random.set_state((n["kind"], tensors["numpy_key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = meta["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module,
+                    optimizers: dict[str, torch.optim.Optimizer], sparse_optimizers: tuple[str, ...] = (),
+                    subvocab_ids: np.ndarray, plan: Any | None, state: dict[str, Any], keep: int = 2,
+                    cuda: bool = False) -> Path:
+    """Write ``ckpt/step_<step>`` atomically, point ``ckpt/latest.json`` at it, prune to ``keep``.
+
+    ``state`` is recorded in ``state.json`` (config, fingerprints, data position, metrics...);
+    the step, format, RNG states and file hashes are added here. Returns the checkpoint path.
+    """
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    try:
+        _save_tensors(model.state_dict(), tmp / MODEL_FILE, {"format": CKPT_FORMAT, "step": str(step)})
+        opt_tensors: dict[str, torch.Tensor] = {}
+        opt_meta: dict[str, Any] = {}
+        for oname, opt in optimizers.items():
+            t, m = optimizer_state_to_tensors(opt.state_dict(), oname, sparse_rows=oname in sparse_optimizers)
+            opt_tensors.update(t)
+            opt_meta[oname] = m
+        _save_tensors(opt_tensors, tmp / OPTIM_FILE)
+        (tmp / OPTIM_META).write_text(json.dumps(opt_meta) + "\n", encoding="utf-8")
+        rng_tensors, rng_meta = rng_state(cuda)
+        _save_tensors(rng_tensors, tmp / RNG_FILE)
+        _save_tensors({"original_ids": torch.from_numpy(np.asarray(subvocab_ids, dtype=np.int64))}, tmp / SUBVOCAB_FILE)
+        if plan is not None:
+            plan.save(tmp / PLAN_FILE)
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            _fsync(p)
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        doc = {"format": CKPT_FORMAT, "format_version": CKPT_VERSION, "engram_version": __version__,
+               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, **state, "rng": rng_meta,
+               "files": files}
+        (tmp / STATE_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _fsync(tmp / STATE_FILE)
+        final = root / name
+        if final.exists():  # an older run's checkpoint at this step (resumed from before it): replace
+            old = root / f".old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_json(root / LATEST, {"format": "engram.checkpoint_pointer", "step": step, "dir": name})
+    prune(run_dir, keep)
+    return final
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete-looking checkpoint directories (``step_NNNNNN``), oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    out = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit():
+                out.append((int(p.name[5:]), p))
+    return sorted(out)
+
+
+def prune(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (never the one ``latest.json`` names)."""
+    latest = latest_step(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    for step, path in ckpts[: max(0, len(ckpts) - max(1, keep))]:
+        if step != latest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temp(run_dir: str | os.PathLike) -> None:
+    """Remove temp directories a crashed writer left in ``ckpt/``."""
+    root = Path(run_dir) / CKPT_DIR
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def latest_step(run_dir: str | os.PathLike) -> int | None:
+    """The step ``ckpt/latest.json`` points at, or None when the run has no checkpoint yet."""
+    path = Path(run_dir) / CKPT_DIR / LATEST
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        return int(d["step"])
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError(f"{path} is corrupt (not a checkpoint pointer)",
+                            f"point it at a checkpoint in {path.parent} or start over with --force") from None
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint directory; its parts are read on demand."""
+
+    path: Path
+    step: int
+    state: dict[str, Any]  # state.json
+
+    def _load(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.path / name))
+        except Exception as e:  # a damaged header or truncated data
+            raise ArtifactError(f"checkpoint {self.path} is corrupt: {name} cannot be read "
+                                f"({str(e).splitlines()[0][:80]})", _FIX) from e
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self._load(MODEL_FILE)
+
+    def subvocab_ids(self) -> np.ndarray:
+        return self._load(SUBVOCAB_FILE)["original_ids"].numpy()
+
+    def plan(self):
+        from engram_cli.hashing import TablePlan
+
+        p = self.path / PLAN_FILE
+        return TablePlan.load(p) if p.is_file() else None
+
+    def restore_optimizers(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        tensors = self._load(OPTIM_FILE)
+        try:
+            meta = json.loads((self.path / OPTIM_META).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"checkpoint {self.path} is corrupt: {OPTIM_META} cannot be read", _FIX) from e
+        if sorted(meta) != sorted(optimizers):
+            raise ArtifactError(f"checkpoint {self.path} holds optimizers {sorted(meta)}, the run has "
+                                f"{sorted(optimizers)}", _FIX)
+        for name, opt in optimizers.items():
+            try:
+                opt.load_state_dict(optimizer_state_from_tensors(tensors, meta[name]))
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise ArtifactError(f"checkpoint {self.path}: the {name} state does not fit this model "
+                                    f"({str(e).splitlines()[0][:80]})", _FIX) from e
+
+    def restore_rng(self) -> None:
+        set_rng_state(self._load(RNG_FILE), self.state["rng"])
+
+
+def read_checkpoint(run_dir: str | os.PathLike, step: int | None = None, verify: bool = True) -> Checkpoint:
+    """The checkpoint at ``step`` (default: the one ``latest.json`` names), validated.
+
+    Raises :class:`ArtifactError` when there is none, or when a file is missing, altered
+    (``verify``: sha256 against ``state.json``) or unreadable.
+    """
+    run_dir = Path(run_dir)
+    if step is None:
+        step = latest_step(run_dir)
+        if step is None:
+            raise ArtifactError(f"{run_dir} has no checkpoint ({CKPT_DIR}/{LATEST} is missing)",
+                                "train it with `engram train` (or start it over with --force)")
+    path = run_dir / CKPT_DIR / step_dir_name(step)
+    if not path.is_dir():
+        have = ", ".join(str(s) for s, _ in list_checkpoints(run_dir)) or "none"
+        raise ArtifactError(f"{run_dir} has no checkpoint at step {step} (checkpoints: {have})",
+                            "pass one of the listed steps")
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError(f"checkpoint {path} is incomplete or corrupt: {STATE_FILE} is missing or unreadable",
+                            _FIX) from None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise ArtifactError(f"checkpoint {path}: {STATE_FILE} is not an engram checkpoint", _FIX)
+    if state.get("format_version") != CKPT_VERSION:
+        raise ArtifactError(f"checkpoint {path} has format version {state.get('format_version')}, "
+                            f"this engram reads {CKPT_VERSION}", "start the run over with --force")
+    if state.get("step") != step:
+        raise ArtifactError(f"checkpoint {path} records step {state.get('step')}, expected {step}", _FIX)
+    for name, meta in state.get("files", {}).items():
+        p = path / name
+        if not p.is_file():
+            raise ArtifactError(f"checkpoint {path} is incomplete: {name} is missing", _FIX)
+        if p.stat().st_size != meta.get("bytes") or (verify and sha256_file(p) != meta.get("sha256")):
+            raise ArtifactError(f"checkpoint {path} is corrupt: {name} changed after it was written "
+                                "(size or sha256 mismatch)", _FIX)
+    for name in (MODEL_FILE, OPTIM_FILE, OPTIM_META, RNG_FILE, SUBVOCAB_FILE):
+        if name not in state.get("files", {}):
+            raise ArtifactError(f"checkpoint {path} is incomplete: {name} is not recorded", _FIX)
+    return Checkpoint(path=path, step=step, state=state)
+
+
+# ---------------------------------------------------------------------------------------------
+# a trained model for inference (inspect-gates)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model in eval mode with what is needed to feed it text.
+
+    ``to_model_ids`` maps original tokenizer ids to the model's ids (UNK for ids outside its
+    sub-vocabulary); ``vocab`` maps original ids to the canonical ids the tables hash.
+    """
+
+    model: Any              # engram_cli.model.EngramModel, eval mode, on ``device``
+    step: int
+    run_dir: Path
+    checkpoint: Path
+    plan: Any | None        # TablePlan (None: pure-MoE baseline)
+    subvocab: Any           # engram_cli.data.SubVocab
+    tokenizer: Any          # engram_cli.tokenizer.LoadedTokenizer (fingerprint-checked)
+    vocab: Any              # engram_cli.vocab.VocabMap (fingerprint-checked)
+    config: dict[str, Any]  # the run's resolved configuration (config.json)
+
+    @property
+    def unk_id(self) -> int:
+        return self.subvocab.unk_id
+
+    def to_model_ids(self, ids: np.ndarray) -> np.ndarray:
+        return self.subvocab.to_model_ids(ids)
+
+
+def load_model(run_dir: str | os.PathLike, step: int | None = None, device: str = "cpu",
+               vocab_dir: str | os.PathLike | None = None) -> LoadedModel:
+    """Load the model of a run directory at ``step`` (default: latest) for inference.
+
+    The tokenizer and vocab map are found where the run recorded them (``vocab_dir`` overrides
+    the vocab's location) and must have the recorded fingerprints.
+    """
+    from engram_cli.artifacts import read_manifest
+    from engram_cli.data import SubVocab
+    from engram_cli.model import EngramModel, ModelConfig
+    from engram_cli.tokenizer import load_tokenizer
+    from engram_cli.vocab import load_vocab
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir, "engram.run")
+    ckpt = read_checkpoint(run_dir, step, verify=False)
+    plan = ckpt.plan()
+    model = EngramModel(ModelConfig(**ckpt.state["model_config"]), plan)
+    try:
+        model.load_state_dict(ckpt.model_state())
+    except RuntimeError as e:
+        raise ArtifactError(f"checkpoint {ckpt.path}: the weights do not fit its model config "
+                            f"({str(e).splitlines()[0][:80]})", _FIX) from e
+    model.to(device).eval()
+    inputs = manifest["inputs"]
+    tok = load_tokenizer(manifest["config"]["run"]["tokenizer"])
+    if tok.fingerprint != inputs["tokenizer"]["sha256"]:
+        raise ArtifactError(f"run {run_dir} was trained with another tokenizer than "
+                            f"{manifest['config']['run']['tokenizer']!r} is now (sha256 mismatch)",
+                            "restore the tokenizer file the run used")
+    vdir = Path(vocab_dir) if vocab_dir is not None else Path(inputs["vocab"]["path"])
+    vocab = load_vocab(vdir)
+    if vocab.fingerprint != inputs["vocab"]["sha256"]:
+        raise ArtifactError(f"run {run_dir} was trained with another vocab map than {vdir} (sha256 mismatch)",
+                            "pass the vocab directory the tables were built from")
+    subvocab = SubVocab(ckpt.subvocab_ids(), vocab.original_vocab_size)
+    return LoadedModel(model=model, step=ckpt.step, run_dir=run_dir, checkpoint=ckpt.path, plan=plan,
+                       subvocab=subvocab, tokenizer=tok, vocab=vocab, config=manifest["config"])
