@@ -29,7 +29,7 @@ def test_every_command_has_help_examples_and_docs():
         r = invoke(name, "--help")
         assert r.exit_code == 0, r.output
         assert func.__doc__ and len(func.__doc__.strip()) > 40
-        assert module.EXAMPLES and all(cmd.startswith(f"engram {name}") for cmd, _ in module.EXAMPLES)
+        assert module.EXAMPLES and all(f"engram {name} " in cmd for cmd, _ in module.EXAMPLES)
         assert "Examples" in r.output
         assert f"engram {name}" in readme and f"## `engram {name}`" in cli_doc
 

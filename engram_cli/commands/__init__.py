@@ -10,12 +10,14 @@ Each command module defines ``EXAMPLES``: (command line, what it does) pairs sho
 
 from types import ModuleType
 
-from engram_cli.commands import build_tables, normalize_vocab
+from engram_cli.commands import build_tables, inspect_gates, normalize_vocab, train
 
 #: (command name, module, function) in pipeline order
 COMMANDS: list[tuple[str, ModuleType, object]] = [
     ("normalize-vocab", normalize_vocab, normalize_vocab.normalize_vocab_command),
     ("build-tables", build_tables, build_tables.build_tables_command),
+    ("train", train, train.train_command),
+    ("inspect-gates", inspect_gates, inspect_gates.inspect_gates_command),
 ]
 
 
