@@ -35,5 +35,13 @@ else
     "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
 fi
 
+# Gate pictures label Chinese tokens: without a CJK font they show boxes (inspect-gates warns).
+# Best effort, main job only: as root on Debian/Ubuntu, install a small one if none is present.
+if [[ -z "$EXTRA" && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1 \
+        && ! (command -v fc-list >/dev/null 2>&1 && fc-list :lang=zh 2>/dev/null | grep -q .); then
+    (apt-get update -qq && apt-get install -y -qq fonts-wqy-microhei) >/dev/null 2>&1 \
+        && echo "setup: installed a CJK font (fonts-wqy-microhei)" >&2 || echo "setup: no CJK font installed (optional)" >&2
+fi
+
 "${PIP[@]}" install -e ".$EXTRA" 2>&1 | grep -v "^WARNING: Location" >&2 || true
 "$PY" -c "import engram_cli, torch; print(f'setup: engram {engram_cli.__version__} with torch {torch.__version__} in $VENV')" >&2
