@@ -36,13 +36,14 @@ from __future__ import annotations
 import math
 import os
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from engram_cli.text import display_token  # noqa: F401  (re-exported: token text for display)
 
 from engram_cli.artifacts import artifact_dir, check_output_dir
 from engram_cli.errors import ArtifactError, ConfigError, InputError
@@ -167,28 +168,6 @@ def check_run(run: LoadedRun) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # token text for display
-
-
-_VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"}
-
-
-def display_token(text: str, max_len: int = 12) -> str:
-    """A token's text made visible: spaces ␣, newline ⏎, tab ⇥, other invisibles as \\uXXXX.
-
-    A continuation byte of a character split over several tokens (empty text) shows as "·".
-    """
-    if text == "":
-        return "·"
-    parts = []
-    for ch in text:
-        if ch in _VISIBLE:
-            parts.append(_VISIBLE[ch])
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cn"):
-            parts.append(f"\\u{ord(ch):04x}")
-        else:
-            parts.append(ch)
-    s = "".join(parts)
-    return s if len(s) <= max_len else s[: max_len - 1] + "…"
 
 
 def is_cjk(ch: str) -> bool:

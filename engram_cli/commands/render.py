@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import unicodedata
 from typing import Any
 
 from rich.console import Console
@@ -15,21 +14,11 @@ from rich.console import Console
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
 
-_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", " ": "␣"}
-
-
 def show_token(text: str, max_len: int = 40) -> str:
-    """Readable form of a token's text: whitespace and control characters made visible."""
-    parts = []
-    for ch in text:
-        if ch in _ESCAPES:
-            parts.append(_ESCAPES[ch])
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cn"):
-            parts.append(f"\\u{ord(ch):04x}")
-        else:
-            parts.append(ch)
-    s = "".join(parts)
-    return s if len(s) <= max_len else s[: max_len - 1] + "…"
+    """Readable form of a token's text (see ``engram_cli.text.display_token``)."""
+    from engram_cli.text import display_token
+
+    return display_token(text, max_len=max_len)
 
 
 def print_json(obj: Any) -> None:

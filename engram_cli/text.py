@@ -1,0 +1,26 @@
+"""Token text made readable for tables, terminals and pictures (no heavy imports)."""
+
+from __future__ import annotations
+
+import unicodedata
+
+_VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"}
+
+
+def display_token(text: str, max_len: int = 12) -> str:
+    """A token's text made visible: spaces ␣, newline ⏎, tab ⇥, other invisibles as \\uXXXX.
+
+    A continuation byte of a character split over several tokens (empty text) shows as "·".
+    """
+    if text == "":
+        return "·"
+    parts = []
+    for ch in text:
+        if ch in _VISIBLE:
+            parts.append(_VISIBLE[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cn"):
+            parts.append(f"\\u{ord(ch):04x}")
+        else:
+            parts.append(ch)
+    s = "".join(parts)
+    return s if len(s) <= max_len else s[: max_len - 1] + "…"
