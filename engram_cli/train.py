@@ -439,7 +439,8 @@ def allreduce_gradients(dense: list, tables: list, world_size: int) -> None:
         offset += n
     for p in tables:
         g = p.grad.coalesce() if p.grad is not None else torch.sparse_coo_tensor(
-            torch.zeros(1, 0, dtype=torch.long, device=p.device), torch.zeros(0, p.shape[1], device=p.device), p.shape)
+            torch.zeros(1, 0, dtype=torch.long, device=p.device), torch.zeros(0, p.shape[1], device=p.device), p.shape,
+            check_invariants=False)
         rows, vals = g.indices()[0], g.values()  # (R,), (R, D)
         count = torch.tensor([rows.numel()], device=p.device)
         counts = [torch.zeros_like(count) for _ in range(world_size)]
@@ -454,7 +455,7 @@ def allreduce_gradients(dense: list, tables: list, world_size: int) -> None:
         dist.all_gather(all_vals, pad_vals)
         idx = torch.cat([r[:int(c)] for r, c in zip(all_rows, counts)])
         val = torch.cat([v[:int(c)] for v, c in zip(all_vals, counts)])
-        p.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), val / world_size, p.shape).coalesce()
+        p.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), val / world_size, p.shape, check_invariants=False).coalesce()
 
 
 # ---------------------------------------------------------------------------------------------
