@@ -33,7 +33,7 @@ def train_command(
                                              "Optional with --resume.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Run directory (checkpoints, metrics, manifest).")] = ...,  # type: ignore[assignment]
     config: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", metavar="FILE", help="TOML with [model], [train], [data] sections (e.g. configs/tiny.toml), "
+        "--config", "-c", metavar="FILE", help="TOML with \\[model], \\[train], \\[data] sections (e.g. configs/tiny.toml), "
                                               "or a run's config.json.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", "-s", metavar="KEY=VALUE", help="Override one config key, e.g. train.lr=1e-3 or n_layer=6 (repeat).")] = None,
