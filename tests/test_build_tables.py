@@ -16,6 +16,8 @@ from engram_cli.errors import ArtifactError, ConfigError, InputError
 from engram_cli.hashing import hash_ngrams, make_plan
 from engram_cli.tables import BuildTablesConfig, build_tables, load_tables
 
+from cli_asserts import one_red_line
+
 ROOT = Path(__file__).resolve().parents[1]
 SOTU = sorted(str(p) for p in (ROOT / "sample_data" / "sotu").glob("*.txt"))
 ZH = str(ROOT / "sample_data" / "zh_classics.jsonl")
@@ -137,12 +139,7 @@ def test_sizing_by_collision_rate_and_budget(tmp_path, vocab_dir):
 
 
 def one_line_error(args, *needles):
-    r = runner.invoke(app, args)
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+    one_red_line(runner.invoke(app, args), *needles)
 
 
 @pytest.mark.parametrize("extra,needles", [

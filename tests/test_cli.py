@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from engram_cli.cli import app
 from engram_cli.commands import COMMANDS
+from cli_asserts import one_red_line
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,15 +65,6 @@ def test_normalize_vocab_json_and_step_flag(tmp_path):
     assert data["canonical_vocab_size"] > 99_092  # fewer merges without lowercasing
     manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())
     assert manifest["config"]["steps"]["lowercase"] is False
-
-
-def one_red_line(r, *needles: str) -> None:
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("error:") and "Traceback" not in r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_error_missing_tokenizer_file(tmp_path):

@@ -15,6 +15,8 @@ from engram_cli.errors import ArtifactError, ConfigError, InputError, TrainingEr
 from engram_cli.train import (Settings, TrainConfig, TrainSettings, load_settings, lr_factor, make_optimizers,
                               parse_set, train)
 
+from cli_asserts import one_red_line
+
 ROOT = Path(__file__).resolve().parents[1]
 SOTU = sorted(str(p) for p in (ROOT / "sample_data" / "sotu").glob("*.txt"))
 runner = CliRunner()
@@ -72,15 +74,6 @@ def cli_app():
 
 def invoke(*args: str):
     return runner.invoke(cli_app(), ["train", *args])
-
-
-def one_red_line(r, *needles: str) -> None:
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("error:") and "Traceback" not in r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
