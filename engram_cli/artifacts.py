@@ -54,6 +54,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def read_json(path: str | os.PathLike, *, what: str, producer: str) -> Any:
+    """Parse a JSON file written by engram; a missing or malformed file is an ArtifactError
+    naming ``what`` it is and the ``producer`` command that recreates it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} {path} does not exist", f"create it with `{producer}`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{what} {path} is not valid JSON ({e.__class__.__name__})",
+                            f"recreate it with `{producer} --force`") from e
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same directory and a rename."""
     path = Path(path)
@@ -179,15 +192,10 @@ def read_manifest(directory: str | os.PathLike, fmt: str, *, verify_hashes: bool
     if not directory.is_dir():
         raise ArtifactError(f"{what} directory {directory} does not exist",
                             f"create it with `{producer}`")
-    mpath = directory / MANIFEST
-    if not mpath.is_file():
+    if not (directory / MANIFEST).is_file():
         raise ArtifactError(f"{directory} has no {MANIFEST}: it is not a {what} artifact",
                             f"create it with `{producer}`")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mpath} is not valid JSON ({e.__class__.__name__})",
-                            f"recreate the artifact with `{producer}`") from e
+    manifest = read_json(directory / MANIFEST, what="manifest", producer=producer)
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         got = manifest.get("format") if isinstance(manifest, dict) else None
         raise ArtifactError(f"{directory} holds a {got!r} artifact, expected {fmt!r}",

@@ -221,17 +221,9 @@ class TablePlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TablePlan":
         """Read and validate a plan written by :meth:`save` (raises ArtifactError)."""
-        import json
+        from engram_cli.artifacts import read_json
 
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"table plan {path} does not exist",
-                                "create it with `engram build-tables`")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"table plan {path} is not valid JSON ({e.__class__.__name__})",
-                                "recreate it with `engram build-tables --force`") from e
+        d = read_json(path, what="table plan", producer="engram build-tables")
         return _plan_from_dict(d, source=str(path))
 
 

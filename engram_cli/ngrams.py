@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from engram_cli.artifacts import read_json
 from engram_cli.errors import ArtifactError, ConfigError, InputError
 from engram_cli.progress import ProgressFn, report
 
@@ -466,10 +467,7 @@ class NgramStats:
         if not meta_path.is_file():
             raise ArtifactError(f"{directory} holds no {STATS_FILE}: it has no N-gram counts",
                                 f"create them with `{producer}`")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{meta_path} is not valid JSON", f"recreate it with `{producer} --force`") from e
+        meta = read_json(meta_path, what="N-gram statistics", producer=producer)
         if meta.get("format") != STATS_FORMAT or meta.get("format_version") != STATS_VERSION:
             raise ArtifactError(f"{meta_path} is not {STATS_FORMAT} version {STATS_VERSION} "
                                 f"(found {meta.get('format')!r} version {meta.get('format_version')!r})",
