@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engram_cli.commands.options import Force, Json, Quiet, Tokenizer
+from engram_cli.commands.options import DocMode, Force, Json, MaxTokens, Quiet, TextColumn, Tokenizer
 from engram_cli.errors import ConfigError
 
 EXAMPLES = [
@@ -59,9 +59,9 @@ def build_tables_command(
     vocab: Annotated[Path, typer.Option("--vocab", "-v", metavar="DIR", help="Vocab artifact from `engram normalize-vocab`.")] = ...,  # type: ignore[assignment]
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Output tables artifact directory.")] = ...,  # type: ignore[assignment]
     tokenizer: Tokenizer = "deepseek",
-    text_column: Annotated[str, typer.Option("--text-column", help="Text field of JSONL/Parquet/datasets inputs.")] = "text",
-    doc_mode: Annotated[str, typer.Option("--doc-mode", help="Plain-text files: `file` (one document each) or `line` (one per line).")] = "file",
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")] = None,
+    text_column: TextColumn = "text",
+    doc_mode: DocMode = "file",
+    max_tokens: MaxTokens = None,
     hf_split: Annotated[str, typer.Option("--hf-split", help="Split of a `datasets` directory or hub dataset.")] = "train",
     skip_bad_files: Annotated[bool, typer.Option("--skip-bad-files/--no-skip-bad-files", help="Skip unreadable or non-UTF-8 files with a counted warning, or refuse them.")] = True,
     max_n: Annotated[int, typer.Option("--max-n", help="Largest n-gram order (reference: 3).")] = 3,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engram_cli.commands.options import Force, Json, Quiet
+from engram_cli.commands.options import DocMode, Force, Json, MaxTokens, Quiet, TextColumn
 from engram_cli.errors import ConfigError, InputError
 
 EXAMPLES = [
@@ -40,9 +40,9 @@ def inspect_gates_command(
     compare: Annotated[Optional[Path], typer.Option("--compare", metavar="RUN_DIR2", help="A second run to show beside the first (same tokenizer).")] = None,
     compare_step: Annotated[Optional[int], typer.Option("--compare-step", min=0, help="Checkpoint step of --compare; alone: --model at another step.")] = None,
     corpus: Annotated[Optional[list[str]], typer.Option("--corpus", metavar="SOURCES...", help="Corpus mode: files, directories, globs or hf:NAME (as build-tables).")] = None,
-    text_column: Annotated[str, typer.Option("--text-column", help="Corpus: text field of JSONL/Parquet/datasets inputs.")] = "text",
-    doc_mode: Annotated[str, typer.Option("--doc-mode", help="Corpus: plain-text files as `file` (one document each) or `line`.")] = "file",
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Corpus: stop after this many tokens.")] = None,
+    text_column: TextColumn = "text",
+    doc_mode: DocMode = "file",
+    max_tokens: MaxTokens = None,
     min_count: Annotated[int, typer.Option("--min-count", min=1, help="Corpus: rank (and save) only n-grams seen this often.")] = 5,
     top: Annotated[int, typer.Option("--top", min=1, help="Corpus: n-grams listed per layer, order and end.")] = 15,
     csv: Annotated[Optional[Path], typer.Option("--csv", metavar="F", help="Write per-token gates as CSV.")] = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,3 +21,8 @@ def out_option(help: str) -> object:
 
 
 OutDir = Annotated[Path, out_option("Output artifact directory.")]
+
+# Corpus inputs, shared by every command that reads a corpus (see docs/corpus.md)
+TextColumn = Annotated[str, typer.Option("--text-column", help="Text field of JSONL/Parquet/datasets inputs.")]
+DocMode = Annotated[str, typer.Option("--doc-mode", help="Plain-text files: `file` (one document each) or `line` (one per line).")]
+MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")]
