@@ -34,13 +34,8 @@ Path(c["results"], f"rank{r.rank}.json").write_text(json.dumps(r.to_dict()))
 
 
 @pytest.fixture(scope="module")
-def tables(tmp_path_factory, vocab_dir) -> Path:
-    from engram_cli.tables import BuildTablesConfig, build_tables
-
-    out = tmp_path_factory.mktemp("tables") / "tables"
-    build_tables(BuildTablesConfig(vocab=vocab_dir, out=out, sources=CORPUS, max_tokens=3000, layer_ids=(1,),
-                                   n_head_per_ngram=2, embed_dim_per_head=8, target_size=1009))
-    return out
+def tables(tiny_tables) -> Path:
+    return tiny_tables
 
 
 def launch(tmp_path: Path, tables: Path, name: str, nproc: int) -> tuple[Path, list[dict]]:

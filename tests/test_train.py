@@ -34,14 +34,8 @@ RUN_FILES = {"manifest.json", "config.json", "metrics.jsonl", "ckpt/latest.json"
 
 
 @pytest.fixture(scope="module")
-def tables(tmp_path_factory, vocab_dir) -> Path:
-    """A tables artifact with one Engram layer (block 1), 2 heads per order, 8 dims, ~1000 slots."""
-    from engram_cli.tables import BuildTablesConfig, build_tables
-
-    out = tmp_path_factory.mktemp("tables") / "tables"
-    build_tables(BuildTablesConfig(vocab=vocab_dir, out=out, sources=CORPUS, max_tokens=3000, layer_ids=(1,),
-                                   n_head_per_ngram=2, embed_dim_per_head=8, target_size=1009))
-    return out
+def tables(tiny_tables) -> Path:
+    return tiny_tables
 
 
 def run(out: Path, tables: Path, *extra: str, progress=None, **kw):
