@@ -140,9 +140,7 @@ def load_tables(directory: str | os.PathLike, vocab_dir: str | os.PathLike | Non
     manifest = read_manifest(directory, "engram.tables")
     plan = TablePlan.load(directory / PLAN_FILE)
     rec = manifest["inputs"]["vocab"]
-    vdir = Path(vocab_dir) if vocab_dir is not None else Path(rec["path"])
-    if not vdir.is_absolute() and vocab_dir is None:
-        vdir = (directory / vdir) if (directory / vdir).exists() else vdir
+    vdir = Path(vocab_dir) if vocab_dir is not None else Path(rec["path"])  # recorded resolved
     vocab = load_vocab(vdir)
     if vocab.fingerprint != rec["sha256"]:
         raise ArtifactError(
@@ -363,6 +361,9 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
     vocab = load_vocab(config.vocab)
     tok = load_tokenizer(config.tokenizer)
     vocab.check_tokenizer(tok)
+    if not 0 <= config.pad_id < vocab.original_vocab_size:
+        raise ConfigError(f"--pad-id {config.pad_id} is outside the vocabulary (0..{vocab.original_vocab_size - 1})",
+                          "pass an original token id, e.g. --pad-id 2 (DeepSeek's pad token)")
     if config.memory_budget is not None and config.shard is None:
         _target_sizes(config, None, config.max_n - 1)  # an impossible budget fails before counting
     vocab_input = {"path": str(Path(config.vocab).resolve()), "sha256": vocab.fingerprint,
@@ -397,8 +398,7 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
 
     n_orders = config.max_n - 1
     plan = make_plan(canonical_vocab_size=vocab.canonical_vocab_size,
-                     canonical_pad_id=int(vocab(np.array([config.pad_id]))[0]) if config.pad_id < vocab.original_vocab_size
-                     else _bad_pad(config.pad_id, vocab),
+                     canonical_pad_id=int(vocab.table[config.pad_id]),
                      original_vocab_size=vocab.original_vocab_size, pad_id=config.pad_id,
                      layer_ids=config.layer_ids, max_ngram_size=config.max_n,
                      n_head_per_ngram=config.n_head_per_ngram, target_sizes=_target_sizes(config, ngrams, n_orders),
@@ -446,11 +446,6 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
     plan_dict = plan.to_dict()
     return BuildTablesResult(out=Path(config.out), kind="tables", top=top, plan=plan_dict, memory=memory,
                              collisions=collision_rows, sweep=sweep_rows, **common)
-
-
-def _bad_pad(pad_id: int, vocab: VocabMap) -> int:
-    raise ConfigError(f"--pad-id {pad_id} is outside the vocabulary (0..{vocab.original_vocab_size - 1})",
-                      "pass an original token id, e.g. --pad-id 2 (DeepSeek's pad token)")
 
 
 def _sweep_sizes(plan) -> list[int]:
