@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from engram_cli.text import display_token  # noqa: F401  (re-exported: token tex
 from engram_cli.artifacts import artifact_dir, check_output_dir
 from engram_cli.errors import ArtifactError, ConfigError, InputError
 from engram_cli.progress import ProgressFn, report
+from engram_cli.runs import LoadedRun
 
 TOKENS_FILE = "tokens.parquet"
 HEATMAP_PNG = "gates.png"
@@ -69,101 +70,28 @@ CJK_FONTS = ("Noto Sans CJK SC", "Source Han Sans SC", "Noto Sans SC", "WenQuanY
              "WenQuanYi Zen Hei", "Noto Sans CJK JP", "Noto Sans CJK TC", "Source Han Sans CN",
              "Droid Sans Fallback", "Microsoft YaHei", "PingFang SC", "Hiragino Sans GB", "SimHei",
              "Heiti SC", "AR PL UMing CN", "AR PL UKai CN")
-NO_MODEL_HINT = "train one with `engram train`"
 
 
 # ---------------------------------------------------------------------------------------------
 # a trained run, loaded for inference
 
 
-@dataclass
-class LoadedRun:
-    """A model ready to run, with everything needed to feed it text.
-
-    ``to_model_ids`` maps original tokenizer ids to the model's (sub-)vocabulary ids (unknown ids
-    to the model's UNK id); ``vocab`` maps original ids to canonical ids (what the tables hash).
-    """
-
-    model: Any                                  # engram_cli.model.EngramModel, in eval mode
-    name: str                                   # shown in titles: the run directory's name
-    run_dir: Path | None
-    step: int | None                            # training step of the checkpoint
-    tokenizer: Any                              # engram_cli.tokenizer.LoadedTokenizer
-    vocab: Any                                  # engram_cli.vocab.VocabMap
-    to_model_ids: Callable[[np.ndarray], np.ndarray]
-    unk_id: int | None = None                   # model id of unknown tokens, if the model has one
-    separator_id: int | None = None             # original id training put before every document (EOS)
-
-    @property
-    def label(self) -> str:
-        return self.name if self.step is None else f"{self.name} (step {self.step})"
-
-    @property
-    def layer_ids(self) -> tuple[int, ...]:
-        return tuple(self.model.engram_layer_ids)
-
-    @property
-    def hc_mult(self) -> int:
-        return int(self.model.config.engram_hc_mult)
-
-    @property
-    def block_size(self) -> int:
-        return int(self.model.config.block_size)
-
-
 def load_run_model(run_dir: str | os.PathLike, step: int | None = None, device: str = "cpu") -> LoadedRun:
-    """Load a run directory written by ``engram train`` (its checkpoint at ``step``, default latest).
+    """Load a run directory written by ``engram train`` for inspection (:func:`engram_cli.runs.load_run`),
+    refusing a run without Engram layers (it has no gates)."""
+    from engram_cli.runs import load_run
 
-    Loading (``engram_cli.checkpoint.load_model``) checks the run's manifest, the checkpoint and
-    the fingerprints of the tokenizer and vocab map the run recorded; :func:`check_run` then
-    refuses a run without Engram layers and a plan or tokenizer that does not fit the vocab map.
-    Errors are :class:`ArtifactError` / :class:`ConfigError` naming the fix.
-    """
-    from engram_cli import checkpoint
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ArtifactError(f"run directory {run_dir} does not exist", NO_MODEL_HINT)
-    loaded = checkpoint.load_model(run_dir, step=step, device=device)
-    run = LoadedRun(model=loaded.model, name=run_dir.resolve().name, run_dir=run_dir, step=loaded.step,
-                    tokenizer=loaded.tokenizer, vocab=loaded.vocab, to_model_ids=loaded.to_model_ids,
-                    unk_id=loaded.unk_id, separator_id=_separator_id(loaded))
+    run = load_run(run_dir, step, device, verify=False)
     check_run(run)
     return run
 
 
-def _separator_id(loaded: Any) -> int | None:
-    """The document separator the run trained with (``data.eos_token``), or None if it has none."""
-    from engram_cli.data import find_eos_id
-
-    try:
-        return find_eos_id(loaded.tokenizer.tokenizer, loaded.config.get("data", {}).get("eos_token", "auto"))
-    except ConfigError:
-        return None
-
-
 def check_run(run: LoadedRun) -> None:
-    """Refuse a run without Engram layers, or whose plan or tokenizer does not match its vocab."""
+    """Refuse a run without Engram layers: a pure-MoE baseline has no gates to inspect."""
     if not run.layer_ids:
         raise ConfigError(f"this model has no Engram layers: {run.name} is a pure-MoE baseline "
                           "(allocation 1.0), so it has no gates to inspect",
                           "pass a run trained with Engram tables (allocation < 1)")
-    if run.tokenizer.fingerprint != run.vocab.tokenizer_fingerprint:
-        raise ArtifactError(
-            f"run {run.name}: its tokenizer (sha256 {run.tokenizer.fingerprint[:12]}…) is not the one its vocab map "
-            f"was built from (sha256 {run.vocab.tokenizer_fingerprint[:12]}…)",
-            "retrain with matching artifacts: `engram train`")
-    plan = run.model.plan
-    if plan.canonical_vocab_size != run.vocab.canonical_vocab_size or \
-            plan.original_vocab_size != run.vocab.original_vocab_size:
-        raise ArtifactError(
-            f"run {run.name}: its table plan is for {plan.canonical_vocab_size:,} canonical / "
-            f"{plan.original_vocab_size:,} original ids, the vocab map has {run.vocab.canonical_vocab_size:,} / "
-            f"{run.vocab.original_vocab_size:,}",
-            "retrain with the tables built from this vocab: `engram build-tables`, then `engram train`")
-    if int(run.vocab.table[plan.pad_id]) != plan.canonical_pad_id:
-        raise ArtifactError(f"run {run.name}: its table plan's canonical pad id does not match the vocab map",
-                            "retrain with the tables built from this vocab: `engram build-tables`, then `engram train`")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def run_hc2(run) -> G.LoadedRun:
 
     torch.manual_seed(0)
     model = EngramModel(replace(run.model.config, engram_hc_mult=2), run.model.plan).eval()
-    return replace(run, model=model, name="hc2")
+    return replace(run, model=model, model_config=model.config, name="hc2")
 
 
 def direct_gates(run: G.LoadedRun, text: str) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
@@ -387,15 +387,16 @@ def test_error_tokenizer_fingerprint_changed(run_dir, tmp_path):
 
 
 def test_error_plan_or_tokenizer_does_not_match_the_vocab(run):
-    bad_plan = replace(run.model.plan, canonical_vocab_size=run.model.plan.canonical_vocab_size + 1)
-    model = replace(run, model=type("M", (), {"engram_layer_ids": run.layer_ids, "plan": bad_plan})())
+    from engram_cli.runs import check_vocab_fit
+
+    bad_plan = replace(run.plan, canonical_vocab_size=run.plan.canonical_vocab_size + 1)
     with pytest.raises(ArtifactError, match="table plan is for"):
-        G.check_run(model)
+        check_vocab_fit(run.name, bad_plan, run.tokenizer, run.vocab)
     vocab = type("V", (), {**{k: getattr(run.vocab, k) for k in ("canonical_vocab_size", "original_vocab_size",
                                                                   "table", "fingerprint")},
                            "tokenizer_fingerprint": "f" * 64})()
     with pytest.raises(ArtifactError, match="not the one its vocab map"):
-        G.check_run(replace(run, vocab=vocab))
+        check_vocab_fit(run.name, run.plan, run.tokenizer, vocab)
 
 
 def test_error_compare_needs_the_same_tokenizer(run, monkeypatch):
