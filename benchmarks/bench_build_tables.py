@@ -62,7 +62,7 @@ def main() -> None:
             return n
 
         def build() -> int:
-            r = build_tables(BuildTablesConfig(vocab=tmp / "vocab", out=tmp / "tables", sources=sources,
+            r = build_tables(BuildTablesConfig(vocab=tmp / "vocab", out=tmp / "tables", corpus=CorpusSpec(sources),
                                                force=True, target_size=200_003))
             return r.tokens
 

@@ -35,10 +35,20 @@ MANIFEST = "manifest.json"
 FORMATS: dict[str, tuple[int, str]] = {
     "engram.vocab": (1, "engram normalize-vocab"),
     "engram.tables": (1, "engram build-tables"),
-    "engram.ngram_shard": (1, "engram build-tables --shard I/N"),
+    "engram.ngram_shard": (2, "engram build-tables --shard I/N"),
     "engram.run": (1, "engram train"),
     "engram.gates": (1, "engram inspect-gates --corpus"),
 }
+
+
+def manifest_header(fmt: str, version: int | None = None) -> dict[str, Any]:
+    """The first four fields of every manifest and state file engram writes: ``format``,
+    ``format_version`` (default: the current version of the artifact format ``fmt``),
+    ``engram_version`` and ``created`` (local time, ISO 8601)."""
+    if version is None:
+        version, _ = FORMATS[fmt]
+    return {"format": fmt, "format_version": version, "engram_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -129,12 +139,8 @@ class ArtifactWriter:
             if p.is_file() and p.name != MANIFEST:
                 rel = p.relative_to(self.tmp).as_posix()
                 files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        version, _ = FORMATS[self.format]
         return {
-            "format": self.format,
-            "format_version": version,
-            "engram_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **manifest_header(self.format),
             "config": self.config,
             "inputs": self.inputs,
             "files": files,

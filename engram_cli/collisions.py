@@ -195,13 +195,17 @@ class CollisionReport:
         return rows
 
     def summary(self) -> list[dict[str, Any]]:
-        """One compact dict per (layer, order): means over heads and the all-heads figures."""
+        """One compact dict per (layer, order): means over its heads (``*_mean``), the largest
+        load of any head, and the all-heads (indistinguishable) figures. What reports show."""
         out = []
         for o in self.orders:
             hs = o.heads
             mean = lambda f: float(np.mean([f(h) for h in hs])) if hs else 0.0  # noqa: E731
             out.append({
                 "layer": o.layer, "n": o.n, "keys": o.keys, "heads": len(hs),
+                "slots_mean": mean(lambda h: h.slots),
+                "occupied_share_pred_mean": mean(lambda h: h.occupied_pred / h.slots),
+                "max_load_pred_mean": mean(lambda h: h.max_load_pred),
                 "colliding_share_mean": mean(lambda h: h.colliding_share),
                 "colliding_share_pred_mean": mean(lambda h: h.colliding_share_pred),
                 "colliding_share_weighted_mean": mean(lambda h: h.colliding_share_weighted),

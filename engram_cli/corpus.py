@@ -75,7 +75,8 @@ class CorpusSpec:
         if not self.sources:
             raise ConfigError("no corpus given", "pass one or more files, directories, globs or hf:NAME")
         if self.doc_mode not in ("file", "line"):
-            raise ConfigError(f"unknown document mode {self.doc_mode!r}", "use `file` or `line`")
+            raise ConfigError(f"unknown document mode {self.doc_mode!r}",
+                              "use `file` (one document per file) or `line` (one per line): --doc-mode / data.doc_mode")
         if self.shard is not None:
             i, n = self.shard
             if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):

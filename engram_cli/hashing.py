@@ -43,6 +43,7 @@ from engram_cli.artifacts import atomic_write_json
 from engram_cli.errors import ArtifactError, ConfigError, InputError
 
 PLAN_FORMAT = "engram.table_plan"
+PLAN_FILE = "table_plan.json"  # the plan's file name in a tables artifact, a run and a checkpoint
 PLAN_VERSION = 1
 
 MAX_LONG = 2**63 - 1      # np.iinfo(np.int64).max, the reference's bound for id * multiplier
@@ -186,7 +187,7 @@ class TablePlan:
 
     def memory_bytes(self, dtype: str = "bf16") -> int:
         """Bytes the tables of all layers take: total slots x embed_dim_per_head x bytes(dtype)."""
-        return self.total_slots_all * self.embed_dim_per_head * _dtype_bytes(dtype)
+        return self.total_slots_all * self.embed_dim_per_head * dtype_bytes(dtype)
 
     # ---- serialization
 
@@ -227,9 +228,10 @@ class TablePlan:
         return _plan_from_dict(d, source=str(path))
 
 
-def _dtype_bytes(dtype: str) -> int:
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per table element of ``dtype`` (a key of DTYPE_BYTES); the one check of a dtype name."""
     if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"unknown table dtype {dtype!r}", f"use one of {', '.join(DTYPE_BYTES)}")
+        raise ConfigError(f"unknown table dtype {dtype!r}", f"use one of {', '.join(DTYPE_BYTES)}, e.g. --dtype bf16")
     return DTYPE_BYTES[dtype]
 
 
@@ -406,6 +408,31 @@ def hash_ngrams(canonical_ids: Any, plan: TablePlan, layer_id: int, *,
     return _hash_array(x, mults, primes, plan.canonical_pad_id, num_threads)
 
 
+def hash_ngrams_reference(canonical_ids: np.ndarray, plan: TablePlan, layer_id: int) -> np.ndarray:
+    """The plain reference of :func:`hash_ngrams`: the reference algorithm written the obvious way.
+
+    Pad-shift the [B, T] ids right by k = 1..N-1 positions (filling with the canonical pad id),
+    XOR the id * multiplier products of each suffix n-gram, take ``%`` of every head's prime, and
+    stack the heads. Slow and memory-hungry (N-1 shifted copies), but easy to check line by line
+    against the reference; the tests and ``benchmarks/bench_hashing.py`` compare the fast path
+    with it bit for bit.
+    """
+    ids = np.asarray(canonical_ids, dtype=np.int64)
+    ids = ids.reshape(1, -1) if ids.ndim == 1 else ids
+    T = ids.shape[1]
+    mults = plan.multipliers[plan._layer(layer_id)]
+    shifted = [ids] + [np.pad(ids, ((0, 0), (k, 0)), constant_values=plan.canonical_pad_id)[:, :T]
+                       for k in range(1, plan.max_ngram_size)]
+    heads = []
+    for n in range(2, plan.max_ngram_size + 1):
+        mix = shifted[0] * np.int64(mults[0])
+        for k in range(1, n):
+            mix = np.bitwise_xor(mix, shifted[k] * np.int64(mults[k]))
+        heads += [mix % np.int64(p) for p in plan.primes[layer_id][n - 2]]
+    out = np.stack(heads, axis=2)                    # (B, T, H)
+    return out.reshape(*np.shape(canonical_ids), out.shape[2])
+
+
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "device")
 
@@ -577,7 +604,7 @@ def target_size_for_memory_budget(budget_bytes: int, *, n_layers: int, n_orders:
                     ("embed_dim_per_head", embed_dim_per_head)):
         if v < 1:
             raise ConfigError(f"{name} must be at least 1, got {v}")
-    row_bytes = embed_dim_per_head * _dtype_bytes(dtype)
+    row_bytes = embed_dim_per_head * dtype_bytes(dtype)
     n_tables = n_layers * n_orders * n_heads
 
     def plan_bytes(m: int) -> int:
@@ -605,6 +632,6 @@ def target_size_for_memory_budget(budget_bytes: int, *, n_layers: int, n_orders:
 
 __all__ = [
     "PLAN_FORMAT", "PLAN_VERSION", "DTYPE_BYTES", "TablePlan", "make_multipliers", "make_primes",
-    "make_plan", "hash_ngrams", "expected_colliding_share",
+    "make_plan", "hash_ngrams", "hash_ngrams_reference", "dtype_bytes", "PLAN_FILE", "expected_colliding_share",
     "target_size_for_collision_rate", "target_size_for_memory_budget",
 ]

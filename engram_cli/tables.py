@@ -1,7 +1,7 @@
 """``engram build-tables``: N-gram statistics, the table plan, and measured collisions.
 
 One run reads a corpus through the tokenizer and vocab map of a vocab artifact, counts every
-n-gram of canonical ids (n = 1..max_n, never across documents), makes the table plan (prime
+n-gram of canonical ids (n = 1..max_ngram_size, never across documents), makes the table plan (prime
 sizes per layer, order and head, and the hash multipliers; ``engram_cli.hashing``) and measures
 how often the plan's hashing collides on the corpus's distinct n-grams, beside what uniform
 hashing predicts (``engram_cli.collisions``).
@@ -14,7 +14,7 @@ Artifact (``engram.tables``)::
 
     table_plan.json         the plan `engram train` builds its model from
     ngrams/                 exact counts per order (Parquet) + ngram_stats.json
-    top_ngrams.parquet      the most frequent n-grams per order with decoded text
+    top_ngrams.parquet      the most frequent n-grams per order with their canonical keys' text
     collisions.parquet      per layer/order/head: measured figures and uniform-hashing predictions
     slot_load.png           slot-load histogram (measured vs predicted)
     collision_sweep.png     collision rate vs table size (with --sweep; + collision_sweep.parquet)
@@ -27,17 +27,21 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engram_cli.artifacts import artifact_dir, check_output_dir, read_manifest, sha256_file
+from engram_cli.artifacts import MANIFEST, artifact_dir, check_output_dir, read_manifest, sha256_file
+from engram_cli.corpus import CorpusSpec
 from engram_cli.errors import ArtifactError, ConfigError, InputError
+from engram_cli.hashing import PLAN_FILE, TablePlan, dtype_bytes
 from engram_cli.progress import ProgressFn, report
 from engram_cli.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
-from engram_cli.vocab import VOCAB_MAP_FILE, VocabMap, load_vocab
+from engram_cli.vocab import VocabMap, load_vocab
 
-PLAN_FILE = "table_plan.json"
+if TYPE_CHECKING:
+    from engram_cli.collisions import CollisionReport
+
 NGRAMS_DIR = "ngrams"
 TOP_FILE = "top_ngrams.parquet"
 COLLISIONS_FILE = "collisions.parquet"
@@ -52,16 +56,10 @@ class BuildTablesConfig:
 
     vocab: Path                                  # engram.vocab artifact (normalize-vocab)
     out: Path                                    # artifact directory to write
-    sources: list[str] = field(default_factory=list)  # corpus files/globs/dirs/hf:NAME
-    tokenizer: str = DEFAULT_TOKENIZER           # must be the tokenizer the vocab was built from
-    text_column: str = "text"                    # field of JSONL/Parquet/datasets inputs
-    doc_mode: str = "file"                       # .txt/.md: "file" (one document) or "line"
-    max_tokens: int | None = None                # stop after this many tokens
-    hf_split: str = "train"                      # split of a datasets directory / hub dataset
-    skip_bad_files: bool = True                  # skip (and count) unreadable / non-UTF-8 files
-    shard: tuple[int, int] | None = None         # (I, N): count 1/N of the documents, write counts only
+    corpus: CorpusSpec | None = None             # what to read (its shard: count 1/N, write counts only)
     from_shards: list[Path] = field(default_factory=list)  # merge these shard artifacts instead of reading
-    max_n: int = 3                               # largest n-gram order (reference: 3)
+    tokenizer: str = DEFAULT_TOKENIZER           # must be the tokenizer the vocab was built from
+    max_ngram_size: int = 3                      # largest n-gram order (reference: 3)
     layer_ids: tuple[int, ...] = (1, 15)         # Engram layers (reference: [1, 15])
     n_head_per_ngram: int = 8                    # hash heads per order (reference: 8)
     seed: int = 0                                # multiplier seed (reference: 0)
@@ -70,12 +68,16 @@ class BuildTablesConfig:
     target_size: int | None = None               # slots per head, every order (default 5 x vocab)
     target_collision_rate: float | None = None   # size each order so uniform hashing collides this often
     memory_budget: int | None = None             # bytes for all tables, at `dtype`
-    dtype: str = "bf16"                          # element type for memory figures/budget
-    top_k: int = 20                              # n-grams per order in the report
+    dtype: str = "bf16"                          # element type for memory figures/budget (hashing.DTYPE_BYTES)
+    top_ngrams: int = 20                         # most frequent n-grams listed per order in the report
     sweep: bool = False                          # measure collision rate vs table size and plot it
     spill_dir: Path | None = None                # where partial counts spill (default: a temp dir)
     batch_size: int = 1024                       # documents per tokenizer batch (see docs/corpus.md)
     force: bool = False
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        return self.corpus.shard if self.corpus is not None else None
 
     def resolved(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,29 +85,48 @@ class BuildTablesConfig:
             d[k] = str(d[k]) if d[k] is not None else None
         d["from_shards"] = [str(p) for p in self.from_shards]
         d["layer_ids"] = list(self.layer_ids)
+        if self.corpus is not None:
+            d["corpus"]["shard"] = list(self.corpus.shard) if self.corpus.shard else None
         return d
+
+
+@dataclass
+class TopNgram:
+    """One of the most frequent n-grams of an order."""
+
+    rank: int
+    count: int
+    share: float            # of all n-gram occurrences of its order
+    keys: list[str]         # the canonical key of each id: what the tables key on ("the" for " The")
+    ids: list[int]          # canonical ids
 
 
 @dataclass
 class BuildTablesResult:
     out: Path
-    kind: str                          # "tables" or "shard"
+    kind: str                               # "tables" or "shard"
     documents: int
     tokens: int
     skipped_files: list[tuple[str, str]]
+    bad_records: int                        # JSON lines / records skipped as malformed
     seconds: float
     tokens_per_second: float
-    orders: list[dict]                 # per n: total, distinct, singletons share, coverage
-    top: dict[int, list[dict]]         # per n: [{rank, count, share, text, ids}]
-    plan: dict | None                  # plan.to_dict() plus memory per dtype
-    memory: dict[str, int] | None      # bytes per dtype
-    collisions: list[dict] | None      # per layer/order: measured vs predicted
-    sweep: list[dict] | None
+    orders: list[dict]                      # per n: total, distinct, singletons share, coverage
+    top: dict[int, list[TopNgram]]          # per n, most frequent first
+    plan: TablePlan | None
+    memory: dict[str, int] | None           # bytes of all tables per element type
+    collisions: CollisionReport | None      # measured vs predicted, per layer/order/head
+    sweep: list[dict] | None                # collision rate vs table size (--sweep)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: getattr(self, k) for k in ("kind", "documents", "tokens", "bad_records", "seconds",
+                                           "tokens_per_second", "orders", "memory", "sweep")}
         d["out"] = str(self.out)
-        d["top"] = {str(k): v for k, v in self.top.items()}
+        d["skipped_files"] = [list(x) for x in self.skipped_files]
+        d["top"] = {str(n): [asdict(t) for t in rows] for n, rows in self.top.items()}
+        d["plan"] = self.plan.to_dict() if self.plan is not None else None
+        d["collisions"] = ({"summary": self.collisions.summary(), "rows": self.collisions.to_rows()}
+                           if self.collisions is not None else None)
         return d
 
 
@@ -117,15 +138,10 @@ class BuildTablesResult:
 class TablesArtifact:
     path: Path
     manifest: dict
-    plan: "TablePlan"  # noqa: F821
+    plan: TablePlan
     vocab: VocabMap
     tokenizer_fingerprint: str
     tokenizer_spec: str
-
-    @property
-    def corpus_config(self) -> dict:
-        c = self.manifest["config"]
-        return {k: c[k] for k in ("sources", "text_column", "doc_mode")}
 
 
 def load_tables(directory: str | os.PathLike, vocab_dir: str | os.PathLike | None = None) -> TablesArtifact:
@@ -165,7 +181,8 @@ def _check_config(c: BuildTablesConfig) -> None:
         if not ok:
             raise ConfigError(msg, hint)
 
-    need(2 <= c.max_n <= 6, f"--max-n must be between 2 and 6, got {c.max_n}", "use --max-n 3 (the reference)")
+    need(2 <= c.max_ngram_size <= 6, f"--max-ngram-size must be between 2 and 6, got {c.max_ngram_size}",
+         "use --max-ngram-size 3 (the reference)")
     sizing = [x is not None for x in (c.target_size, c.target_collision_rate, c.memory_budget)]
     need(sum(sizing) <= 1, "give at most one of --target-size, --target-collision-rate, --memory-budget",
          "pick one way to size the tables")
@@ -175,13 +192,11 @@ def _check_config(c: BuildTablesConfig) -> None:
          f"--target-collision-rate must be in (0, 1), got {c.target_collision_rate}", "e.g. --target-collision-rate 0.05")
     need(c.memory_budget is None or c.memory_budget > 0, f"--memory-budget must be positive, got {c.memory_budget}",
          "e.g. --memory-budget 2GB")
-    need(c.dtype in ("fp32", "bf16", "fp8"), f"--dtype must be fp32, bf16 or fp8, got {c.dtype!r}", "e.g. --dtype bf16")
-    if c.shard is not None:
-        i, n = c.shard
-        need(n >= 1 and 0 <= i < n, f"--shard {i}/{n} is not a shard of {n}", "use I/N with 0 <= I < N, e.g. --shard 0/4")
-        need(not c.from_shards, "--shard and --from-shards cannot be combined", "count shards first, then merge them")
-    need(bool(c.sources) != bool(c.from_shards),
-         "give a corpus or --from-shards" if not c.sources else "give either a corpus or --from-shards, not both",
+    dtype_bytes(c.dtype)
+    need(c.corpus is None or c.corpus.shard is None or not c.from_shards,
+         "--shard and --from-shards cannot be combined", "count shards first, then merge them")
+    need((c.corpus is not None) != bool(c.from_shards),
+         "give a corpus or --from-shards" if c.corpus is None else "give either a corpus or --from-shards, not both",
          "e.g. `engram build-tables corpus/*.txt --vocab out/vocab --out out/tables`")
 
 
@@ -228,70 +243,118 @@ def prefetch(iterator, depth: int = 2):
                 thread.join(0.05)
 
 
-def _count_corpus(config, tok, vocab, progress):
-    from engram_cli.corpus import CorpusSpec, CorpusStats, corpus_fingerprint, iter_tokenized
+def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, progress: ProgressFn):
+    from engram_cli.corpus import CorpusStats, corpus_fingerprint, empty_corpus_error, iter_tokenized
     from engram_cli.ngrams import NgramCounter
 
-    spec = CorpusSpec(sources=list(config.sources), text_column=config.text_column, doc_mode=config.doc_mode,
-                      shard=config.shard, max_tokens=config.max_tokens, hf_split=config.hf_split,
-                      skip_bad_files=config.skip_bad_files)
+    spec = config.corpus
     fingerprint = corpus_fingerprint(spec)
     stats = CorpusStats()
-    counter = NgramCounter(config.max_n, vocab_size=vocab.canonical_vocab_size, spill_dir=config.spill_dir)
+    counter = NgramCounter(config.max_ngram_size, vocab_size=vocab.canonical_vocab_size, spill_dir=config.spill_dir)
     batches = iter_tokenized(spec, tok.tokenizer, stats=stats, batch_size=config.batch_size, progress=progress)
     for batch in prefetch(batches):
         # tokenizer ids are always < vocab size, so the table is indexed without a range check
         counter.add_many(vocab.table[ids] for ids in batch)
     if stats.tokens == 0:
-        raise InputError("the corpus yielded no tokens" + (f" (skipped {len(stats.skipped_files)} unreadable files)"
-                                                           if stats.skipped_files else ""),
-                         "check the paths, --text-column and --doc-mode")
+        raise empty_corpus_error(spec, stats)
     ngrams = counter.finish(progress=progress)
     return ngrams, stats, fingerprint
 
 
-def _merge_shards(config, vocab, progress):
-    from engram_cli.ngrams import NgramStats, merge_stats
+#: what every shard of one corpus must agree on: (where in the shard manifest, what it is called)
+_SHARD_AGREEMENT = (
+    (("config", "max_ngram_size"), "largest n-gram order"),
+    (("config", "corpus", "text_column"), "--text-column"),
+    (("config", "corpus", "doc_mode"), "--doc-mode"),
+    (("config", "corpus", "hf_split"), "--hf-split"),
+    (("config", "corpus", "skip_bad_files"), "--skip-bad-files"),
+    (("config", "corpus", "max_tokens"), "--max-tokens"),
+    (("config", "tokenizer"), "--tokenizer"),
+    (("inputs", "corpus", "corpus_sha256"), "corpus (file contents)"),
+    (("inputs", "vocab", "sha256"), "vocab map"),
+)
 
-    seen, parts, inputs, corpus_ids = {}, [], [], set()
-    for d in config.from_shards:
-        m = read_manifest(d, "engram.ngram_shard")
-        if m["inputs"]["vocab"]["sha256"] != vocab.fingerprint:
-            raise ArtifactError(f"shard {d} was counted with another vocab map",
-                                f"recount it with --vocab {config.vocab}, or pass the matching --vocab")
-        i, n = m["config"]["shard"]
-        corpus_ids.add(m["inputs"]["corpus"].get("corpus_sha256"))
-        if len(corpus_ids) > 1:
-            raise InputError(f"shard {d} was counted over a different corpus than the others",
-                             "count every shard over the same inputs and options")
+
+def _dig(doc: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(doc, dict) or key not in doc:
+            return KeyError
+        doc = doc[key]
+    return doc
+
+
+def read_shard(directory: Path) -> tuple[dict, tuple[int, int]]:
+    """The manifest of an ``engram.ngram_shard`` artifact and its (I, N), schema-checked."""
+    m = read_manifest(directory, "engram.ngram_shard")
+    shard = _dig(m, ("config", "corpus", "shard"))
+    ok = (isinstance(shard, list) and len(shard) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                             for x in shard) and 0 <= shard[0] < shard[1])
+    missing = [".".join(p) for p, _ in _SHARD_AGREEMENT if _dig(m, p) is KeyError]
+    if not ok or missing:
+        what = f"a malformed shard {shard!r}" if not ok else f"no {', '.join(missing)}"
+        raise ArtifactError(f"shard manifest {directory / MANIFEST} has {what}",
+                            "recount it with `engram build-tables ... --shard I/N --force`")
+    return m, (shard[0], shard[1])
+
+
+def check_shards(manifests: list[tuple[Path, dict, tuple[int, int]]]) -> int:
+    """Refuse shards that are not the N disjoint parts of one counting run; return N.
+
+    Every shard must have the same N, n-gram order, reading options, max-tokens, tokenizer,
+    vocab and corpus contents as the first one, and each I in 0..N-1 must come exactly once.
+    The error names the odd shard and what differs.
+    """
+    first_dir, first, (_, total) = manifests[0]
+    seen: dict[int, Path] = {}
+    for d, m, (i, n) in manifests:
+        if n != total:
+            raise InputError(f"shard {d} is shard {i}/{n}, but {first_dir} is one of {total}",
+                             f"merge the {total} shards of one counting run (--shard I/{total})")
+        for path, what in _SHARD_AGREEMENT:
+            if _dig(m, path) != _dig(first, path):
+                raise InputError(f"shard {d} differs from {first_dir} in its {what} "
+                                 f"({_dig(m, path)!r} vs {_dig(first, path)!r})",
+                                 "count every shard over the same inputs with the same options")
         if i in seen:
             raise InputError(f"shards {seen[i]} and {d} are both shard {i}/{n}", "pass each shard once")
         seen[i] = d
-        if m["config"]["max_n"] != config.max_n:
-            raise InputError(f"shard {d} counted up to n={m['config']['max_n']}, this run wants --max-n {config.max_n}",
-                             f"pass --max-n {m['config']['max_n']}")
-        parts.append(NgramStats.load(Path(d) / NGRAMS_DIR))
-        inputs.append({"path": str(d), "shard": [i, n], "manifest_sha256": sha256_file(Path(d) / "manifest.json"),
-                       "corpus": m["inputs"]["corpus"]})
-        total = n
     missing = sorted(set(range(total)) - set(seen))
     if missing:
         raise InputError(f"shards {', '.join(f'{i}/{total}' for i in missing)} are missing",
                          "count them with `engram build-tables ... --shard I/N` and pass all N")
+    return total
+
+
+def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, progress: ProgressFn):
+    from engram_cli.ngrams import NgramStats, merge_stats
+
+    manifests = [(Path(d), *read_shard(Path(d))) for d in config.from_shards]
+    for d, m, _ in manifests:
+        if m["inputs"]["vocab"]["sha256"] != vocab.fingerprint:
+            raise ArtifactError(f"shard {d} was counted with another vocab map",
+                                f"recount it with --vocab {config.vocab}, or pass the matching --vocab")
+    check_shards(manifests)
+    n = manifests[0][1]["config"]["max_ngram_size"]
+    if n != config.max_ngram_size:
+        raise InputError(f"the shards counted up to n={n}, this run wants --max-ngram-size {config.max_ngram_size}",
+                         f"pass --max-ngram-size {n}")
+    parts = [NgramStats.load(d / NGRAMS_DIR) for d, _, _ in manifests]
+    inputs = [{"path": str(d), "shard": list(shard), "manifest_sha256": sha256_file(d / MANIFEST),
+               "corpus": m["inputs"]["corpus"]} for d, m, shard in manifests]
     progress("merge", 0, 1)
     merged = merge_stats(parts)
     progress("merge", 1, 1)
     return merged, inputs
 
 
-def _target_sizes(config, ngrams, n_orders: int) -> tuple[int, ...] | None:
+def _target_sizes(config: BuildTablesConfig, ngrams, n_orders: int) -> tuple[int, ...] | None:
     from engram_cli.hashing import target_size_for_collision_rate, target_size_for_memory_budget
 
     if config.target_size is not None:
         return (config.target_size,) * n_orders
     if config.target_collision_rate is not None:
         return tuple(target_size_for_collision_rate(ngrams.distinct(n), config.target_collision_rate)
-                     for n in range(2, config.max_n + 1))
+                     for n in range(2, config.max_ngram_size + 1))
     if config.memory_budget is not None:
         m = target_size_for_memory_budget(config.memory_budget, n_layers=len(config.layer_ids), n_orders=n_orders,
                                           n_heads=config.n_head_per_ngram,
@@ -300,44 +363,27 @@ def _target_sizes(config, ngrams, n_orders: int) -> tuple[int, ...] | None:
     return None  # the reference default: 5 x the original vocabulary size
 
 
-def ngram_texts(rows: np.ndarray, vocab: VocabMap, tok) -> list[str]:
-    """Readable text of canonical n-grams (one per row of canonical ids).
-
-    Each canonical id is shown by one of its original members: the smallest original id, except
-    that a word after the first position is shown by its space-prefixed member when there is one
-    (so "of" + "the" reads " of the", not "ofthe").
-    """
-    if len(rows) == 0:
-        return []
-    t = tok.tokenizer
-    members: dict[int, np.ndarray] = {}
-    chosen: dict[tuple[int, bool], int] = {}
-
-    def pick(cid: int, later: bool) -> int:
-        key = (cid, later)
-        if key not in chosen:
-            if cid not in members:
-                members[cid] = np.flatnonzero(vocab.table == cid)
-            ms = members[cid]
-            best = int(ms[0])
-            if later:
-                first = t.decode([best], skip_special_tokens=False).strip()
-                if first[:1].isascii() and first[:1].isalpha():
-                    for m in ms:
-                        s = t.decode([int(m)], skip_special_tokens=False)
-                        if s.startswith(" ") and not s.startswith("  "):
-                            best = int(m)
-                            break
-            chosen[key] = best
-        return chosen[key]
-
-    return t.decode_batch([[pick(int(c), i > 0) for i, c in enumerate(r)] for r in rows],
-                          skip_special_tokens=False)
+def ngram_keys(rows: np.ndarray, vocab: VocabMap) -> list[list[str]]:
+    """The canonical keys of canonical n-grams (one list per row of canonical ids): what the
+    tables key on ("the" for "The", "the" and " The")."""
+    keys = vocab.keys()
+    return [[keys[int(c)] for c in r] for r in rows]
 
 
-def _order_rows(ngrams, max_n: int) -> list[dict]:
+def top_ngrams(ngrams, vocab: VocabMap, max_ngram_size: int, k: int) -> dict[int, list[TopNgram]]:
+    """The ``k`` most frequent n-grams of every order 1..max_ngram_size, with their text."""
+    top: dict[int, list[TopNgram]] = {}
+    for n in range(1, max_ngram_size + 1):
+        ids, cnt = ngrams.top(n, k)
+        total = max(ngrams.total(n), 1)
+        top[n] = [TopNgram(rank=r + 1, count=int(c), share=int(c) / total, keys=k, ids=row.tolist())
+                  for r, (row, c, k) in enumerate(zip(ids, cnt, ngram_keys(ids, vocab)))]
+    return top
+
+
+def _order_rows(ngrams, max_ngram_size: int) -> list[dict]:
     rows = []
-    for n in range(1, max_n + 1):
+    for n in range(1, max_ngram_size + 1):
         total, distinct = ngrams.total(n), ngrams.distinct(n)
         cov = ngrams.coverage(n, [100, 1000, 10000])
         coc = ngrams.count_of_counts(n, max_c=10)  # [c] = n-grams seen exactly c times; [-1] = more
@@ -353,7 +399,7 @@ def _order_rows(ngrams, max_n: int) -> list[dict]:
 
 def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) -> BuildTablesResult:
     """Count n-grams, plan the tables, measure collisions; write an ``engram.tables`` artifact
-    (or an ``engram.ngram_shard`` artifact with ``config.shard``)."""
+    (or an ``engram.ngram_shard`` artifact when ``config.corpus.shard`` is set)."""
     progress = report(progress)
     _check_config(config)
     check_output_dir(config.out, config.force)
@@ -365,90 +411,87 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
         raise ConfigError(f"--pad-id {config.pad_id} is outside the vocabulary (0..{vocab.original_vocab_size - 1})",
                           "pass an original token id, e.g. --pad-id 2 (DeepSeek's pad token)")
     if config.memory_budget is not None and config.shard is None:
-        _target_sizes(config, None, config.max_n - 1)  # an impossible budget fails before counting
+        _target_sizes(config, None, config.max_ngram_size - 1)  # an impossible budget fails before counting
     vocab_input = {"path": str(Path(config.vocab).resolve()), "sha256": vocab.fingerprint,
                    "canonical_vocab_size": vocab.canonical_vocab_size}
 
-    stats = None
     if config.from_shards:
         ngrams, shard_inputs = _merge_shards(config, vocab, progress)
-        corpus_input = {"shards": shard_inputs}
+        corpus_input: dict[str, Any] = {"shards": shard_inputs}
         skipped: list = []
+        bad_records = 0
     else:
         ngrams, stats, corpus_input = _count_corpus(config, tok, vocab, progress)
         skipped = [tuple(x) for x in stats.skipped_files]
+        bad_records = stats.bad_records
     seconds = time.perf_counter() - t0
     tokens = int(ngrams.tokens)
-    orders = _order_rows(ngrams, config.max_n)
+    orders = _order_rows(ngrams, config.max_ngram_size)
     inputs = {"tokenizer": tok.describe(), "vocab": vocab_input, "corpus": corpus_input}
-    common = dict(documents=int(ngrams.documents), tokens=tokens, skipped_files=skipped,
+    common = dict(documents=int(ngrams.documents), tokens=tokens, skipped_files=skipped, bad_records=bad_records,
                   seconds=seconds, tokens_per_second=tokens / seconds if seconds else 0.0, orders=orders)
+    summary = {"documents": common["documents"], "tokens": tokens, "bad_records": bad_records}
 
     if config.shard is not None:
         with artifact_dir(config.out, "engram.ngram_shard", force=config.force) as w:
             ngrams.save(w.path(NGRAMS_DIR))
             w.config, w.inputs = config.resolved(), inputs
-            w.summary = {"documents": common["documents"], "tokens": tokens,
-                         "distinct": {str(r["n"]): r["distinct"] for r in orders}}
+            w.summary = {**summary, "distinct": {str(r["n"]): r["distinct"] for r in orders}}
         return BuildTablesResult(out=Path(config.out), kind="shard", top={}, plan=None, memory=None,
                                  collisions=None, sweep=None, **common)
 
-    from engram_cli.collisions import measure_collisions, plot_slot_load_histogram, plot_sweep, sweep_collisions
-    from engram_cli.hashing import make_plan
+    from engram_cli.collisions import measure_collisions
+    from engram_cli.hashing import DTYPE_BYTES, make_plan
 
-    n_orders = config.max_n - 1
+    n_orders = config.max_ngram_size - 1
     plan = make_plan(canonical_vocab_size=vocab.canonical_vocab_size,
                      canonical_pad_id=int(vocab.table[config.pad_id]),
                      original_vocab_size=vocab.original_vocab_size, pad_id=config.pad_id,
-                     layer_ids=config.layer_ids, max_ngram_size=config.max_n,
+                     layer_ids=config.layer_ids, max_ngram_size=config.max_ngram_size,
                      n_head_per_ngram=config.n_head_per_ngram, target_sizes=_target_sizes(config, ngrams, n_orders),
                      seed=config.seed, embed_dim_per_head=config.embed_dim_per_head)
-    memory = {d: plan.memory_bytes(d) for d in ("fp32", "bf16", "fp8")}
-
-    by_order = {n: ngrams.ngrams[n] for n in range(2, config.max_n + 1)}
-    counts = {n: ngrams.counts[n] for n in range(2, config.max_n + 1)}
-    report_ = measure_collisions(by_order, counts, plan, progress=progress)
-    collision_rows = report_.to_rows()
-
-    top: dict[int, list[dict]] = {}
-    for n in range(1, config.max_n + 1):
-        ids, cnt = ngrams.top(n, config.top_k)
-        texts = ngram_texts(ids, vocab, tok)
-        total = max(ngrams.total(n), 1)
-        top[n] = [{"rank": r + 1, "count": int(c), "share": int(c) / total, "text": t, "ids": row.tolist()}
-                  for r, (row, c, t) in enumerate(zip(ids, cnt, texts))]
-
-    sweep_rows = None
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    memory = {d: plan.memory_bytes(d) for d in DTYPE_BYTES}
+    by_order = {n: ngrams.ngrams[n] for n in range(2, config.max_ngram_size + 1)}
+    counts = {n: ngrams.counts[n] for n in range(2, config.max_ngram_size + 1)}
+    collisions = measure_collisions(by_order, counts, plan, progress=progress)
+    top = top_ngrams(ngrams, vocab, config.max_ngram_size, config.top_ngrams)
     with artifact_dir(config.out, "engram.tables", force=config.force) as w:
         plan.save(w.path(PLAN_FILE))
         ngrams.save(w.path(NGRAMS_DIR))
-        pq.write_table(pa.Table.from_pylist([{"n": n, **row} for n, rows in top.items() for row in rows]),
-                       w.path(TOP_FILE))
-        pq.write_table(pa.Table.from_pylist(collision_rows), w.path(COLLISIONS_FILE))
-        progress("plots", 0, 2 if config.sweep else 1)
-        plot_slot_load_histogram(by_order, plan, w.path(SLOT_LOAD_PNG))
-        if config.sweep:
-            sweep_rows = sweep_collisions(by_order, counts, plan, _sweep_sizes(plan))
-            pq.write_table(pa.Table.from_pylist(sweep_rows), w.path(SWEEP_FILE))
-            plot_sweep(sweep_rows, w.path(SWEEP_PNG))
-        progress("plots", 2 if config.sweep else 1, 2 if config.sweep else 1)
+        sweep_rows = _write_reports(w, config, plan, by_order, counts, top, collisions, progress)
         w.config, w.inputs = config.resolved(), inputs
-        w.summary = {
-            "documents": common["documents"], "tokens": tokens,
-            "orders": orders,
-            "plan": {"layer_ids": list(plan.layer_ids), "target_sizes": list(plan.target_sizes),
-                     "total_slots": plan.total_slots_all, "memory_bytes": memory},
-            "collisions": report_.summary() if hasattr(report_, "summary") else None,
-        }
-    plan_dict = plan.to_dict()
-    return BuildTablesResult(out=Path(config.out), kind="tables", top=top, plan=plan_dict, memory=memory,
-                             collisions=collision_rows, sweep=sweep_rows, **common)
+        w.summary = {**summary, "orders": orders,
+                     "plan": {"layer_ids": list(plan.layer_ids), "target_sizes": list(plan.target_sizes),
+                              "total_slots": plan.total_slots_all, "memory_bytes": memory},
+                     "collisions": collisions.summary()}
+    return BuildTablesResult(out=Path(config.out), kind="tables", top=top, plan=plan, memory=memory,
+                             collisions=collisions, sweep=sweep_rows, **common)
 
 
-def _sweep_sizes(plan) -> list[int]:
+def _write_reports(w, config: BuildTablesConfig, plan: TablePlan, by_order, counts, top, collisions,
+                   progress: ProgressFn) -> list[dict] | None:
+    """The artifact's tables and pictures: top n-grams, collision rows, slot loads, the sweep."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engram_cli.collisions import plot_slot_load_histogram, plot_sweep, sweep_collisions
+
+    pq.write_table(pa.Table.from_pylist([{"n": n, **asdict(t)} for n, rows in top.items() for t in rows]),
+                   w.path(TOP_FILE))
+    pq.write_table(pa.Table.from_pylist(collisions.to_rows()), w.path(COLLISIONS_FILE))
+    n_plots = 2 if config.sweep else 1
+    progress("plots", 0, n_plots)
+    plot_slot_load_histogram(by_order, plan, w.path(SLOT_LOAD_PNG))
+    sweep_rows = None
+    if config.sweep:
+        sweep_rows = sweep_collisions(by_order, counts, plan, _sweep_sizes(plan))
+        pq.write_table(pa.Table.from_pylist(sweep_rows), w.path(SWEEP_FILE))
+        plot_sweep(sweep_rows, w.path(SWEEP_PNG))
+    progress("plots", n_plots, n_plots)
+    return sweep_rows
+
+
+def _sweep_sizes(plan: TablePlan) -> list[int]:
     """Table sizes for the sweep: log-spaced from 1/16 to 4x the plan's first target."""
     t = plan.target_sizes[0]
     return sorted({max(2, int(t * f)) for f in np.geomspace(1 / 16, 4, 13)})

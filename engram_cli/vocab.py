@@ -199,6 +199,7 @@ class VocabMap:
         self.source = source
         self.fingerprint = fingerprint  # sha256 of vocab_map.npy
         self._torch_tables: dict[Any, Any] = {}
+        self._keys: list[str] | None = None
 
     def __repr__(self) -> str:
         return (f"VocabMap({self.original_vocab_size} ids -> {self.canonical_vocab_size} canonical, "
@@ -227,6 +228,25 @@ class VocabMap:
         if arr.size:
             self._check_range(int(arr.min()), int(arr.max()))
         return self.table[arr]
+
+    def keys(self) -> list[str]:
+        """The canonical key of every canonical id (what the Engram tables key on), read once from
+        the artifact's ``canonical_vocab.parquet``: e.g. " the" for "The", " The" and "the"."""
+        if self._keys is None:
+            import pyarrow.parquet as pq
+
+            path = Path(self.source) / CANONICAL_FILE
+            try:
+                t = pq.read_table(path, columns=["canonical_id", "key"])
+            except (OSError, KeyError, ValueError) as e:
+                raise ArtifactError(f"{path} is not a readable canonical vocabulary ({e.__class__.__name__})",
+                                    "recreate it with `engram normalize-vocab --force`") from e
+            ids = t.column("canonical_id").to_numpy()
+            if len(ids) != self.canonical_vocab_size or not np.array_equal(ids, np.arange(len(ids))):
+                raise ArtifactError(f"{path} does not list canonical ids 0..{self.canonical_vocab_size - 1}",
+                                    "recreate it with `engram normalize-vocab --force`")
+            self._keys = t.column("key").to_pylist()
+        return self._keys
 
     def check_tokenizer(self, tok: LoadedTokenizer) -> None:
         """Refuse a tokenizer other than the one this map was built from."""

@@ -17,7 +17,7 @@ echo "== 1/4 normalize-vocab: canonicalize the DeepSeek 128k vocabulary" >&2
 
 echo "== 2/4 build-tables: n-gram statistics, a table plan for a 4-layer model, collisions" >&2
 "$ENGRAM" build-tables "${CORPUS[@]}" --vocab "$OUT/vocab" --out "$OUT/tables" \
-    --layers 1 --heads 4 --embed-dim 16 --target-collision-rate 0.25 --sweep --top 10 --force
+    --layers 1 --heads-per-ngram 4 --embed-dim-per-head 16 --target-collision-rate 0.25 --sweep --top-ngrams 10 --force
 
 echo "== 3/4 train: the tiny Engram + MoE model (allocation 0.75: a quarter of the inactive expert budget as tables)" >&2
 "$ENGRAM" train "${CORPUS[@]}" --tables "$OUT/tables" --out "$OUT/run" --config configs/tiny.toml \

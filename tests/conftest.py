@@ -43,10 +43,11 @@ def vocab(vocab_dir):
 def tiny_tables(tmp_path_factory, vocab_dir) -> Path:
     """A small tables artifact for training tests: one Engram layer (block 1), 2 heads per order,
     8 dims, ~1000 slots, counted on the first two sample addresses (3000 tokens)."""
+    from engram_cli.corpus import CorpusSpec
     from engram_cli.tables import BuildTablesConfig, build_tables
 
     sotu = sorted(str(p) for p in (SAMPLE / "sotu").glob("*.txt"))[:2]
     out = tmp_path_factory.mktemp("tiny_tables") / "tables"
-    build_tables(BuildTablesConfig(vocab=vocab_dir, out=out, sources=sotu, max_tokens=3000, layer_ids=(1,),
+    build_tables(BuildTablesConfig(vocab=vocab_dir, out=out, corpus=CorpusSpec(sotu, max_tokens=3000), layer_ids=(1,),
                                    n_head_per_ngram=2, embed_dim_per_head=8, target_size=1009))
     return out

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from engram_cli.cli import app
 from engram_cli.errors import ArtifactError, ConfigError, InputError
 from engram_cli.hashing import hash_ngrams, make_plan
+from engram_cli.corpus import CorpusSpec
 from engram_cli.tables import BuildTablesConfig, build_tables, load_tables
 
 from cli_asserts import one_red_line
@@ -40,7 +41,7 @@ def sample_tables(tmp_path_factory, vocab_dir) -> Path:
     r = runner.invoke(app, ["build-tables", *SOTU, ZH, "--vocab", str(vocab_dir), "--out", str(out),
                             "--sweep", "--quiet"])
     assert r.exit_code == 0, r.output
-    assert "Collisions: measured" in r.output and "Table plan" in r.output and "the␣United␣States" in r.output
+    assert "Collisions: measured" in r.output and "Table plan" in r.output and "the · united · states" in r.output
     return out
 
 
@@ -98,10 +99,10 @@ def test_missing_file_is_named(sample_tables, tmp_path):
 
 def test_shards_merge_to_one_run(tmp_path, vocab_dir):
     sources = [ZH, *SOTU[:3]]
-    base = dict(vocab=vocab_dir, sources=sources, target_size=10_007, layer_ids=(1,), n_head_per_ngram=2)
-    one = build_tables(BuildTablesConfig(out=tmp_path / "one", **base))
+    base = dict(vocab=vocab_dir, target_size=10_007, layer_ids=(1,), n_head_per_ngram=2)
+    one = build_tables(BuildTablesConfig(out=tmp_path / "one", corpus=CorpusSpec(sources), **base))
     for i in range(3):
-        r = build_tables(BuildTablesConfig(out=tmp_path / f"s{i}", shard=(i, 3), **base))
+        r = build_tables(BuildTablesConfig(out=tmp_path / f"s{i}", corpus=CorpusSpec(sources, shard=(i, 3)), **base))
         assert r.kind == "shard"
     merged = build_tables(BuildTablesConfig(out=tmp_path / "merged", vocab=vocab_dir, target_size=10_007,
                                             layer_ids=(1,), n_head_per_ngram=2,
@@ -112,7 +113,7 @@ def test_shards_merge_to_one_run(tmp_path, vocab_dir):
         b = pq.read_table(tmp_path / "merged" / "ngrams" / f"ngrams_{n}.parquet")
         assert a.equals(b)
     assert (tmp_path / "one" / "table_plan.json").read_text() == (tmp_path / "merged" / "table_plan.json").read_text()
-    assert merged.collisions == one.collisions
+    assert merged.collisions.to_rows() == one.collisions.to_rows()
     with pytest.raises(InputError, match="missing"):
         build_tables(BuildTablesConfig(out=tmp_path / "m2", vocab=vocab_dir, from_shards=[tmp_path / "s0"]))
 
@@ -127,13 +128,13 @@ def test_plan_slots_are_the_model_hashing(sample_tables, vocab, deepseek):
 
 
 def test_sizing_by_collision_rate_and_budget(tmp_path, vocab_dir):
-    r = build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "a", sources=[ZH], target_collision_rate=0.1,
+    r = build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "a", corpus=CorpusSpec([ZH]), target_collision_rate=0.1,
                                        layer_ids=(1,), n_head_per_ngram=2))
-    for row in r.collisions:
-        if row["head"] is not None:
-            assert row["colliding_share_pred"] <= 0.1 + 1e-9
+    for order in r.collisions.orders:
+        for head in order.heads:
+            assert head.colliding_share_pred <= 0.1 + 1e-9
     budget = 4 * 1024 * 1024
-    r = build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "b", sources=[ZH], memory_budget=budget,
+    r = build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "b", corpus=CorpusSpec([ZH]), memory_budget=budget,
                                        dtype="bf16", layer_ids=(1,), n_head_per_ngram=2))
     assert r.memory["bf16"] <= budget and r.memory["bf16"] > 0.9 * budget
 
@@ -146,7 +147,7 @@ def one_line_error(args, *needles):
     (["--target-size", "0"], ["--target-size must be positive"]),
     (["--memory-budget", "100"], ["too small"]),
     (["--memory-budget", "lots"], ["not a size"]),
-    (["--shard", "3/2"], ["not a shard"]),
+    (["--shard", "3/2"], ["impossible"]),
     (["--dtype", "fp16"], ["--dtype"]),
     (["--text-column", "body"], ["no column 'body'", "--text-column"]),
 ])
@@ -177,5 +178,46 @@ def test_vocab_from_other_tokenizer_refused(tmp_path, vocab_dir):
 
 def test_config_errors_direct(vocab_dir, tmp_path):
     with pytest.raises(ConfigError, match="at most one"):
-        build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "x", sources=[ZH], target_size=5,
+        build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "x", corpus=CorpusSpec([ZH]), target_size=5,
                                        memory_budget=10**6))
+
+
+def _shard(tmp_path, vocab_dir, name, shard, **corpus):
+    spec = CorpusSpec([ZH], shard=shard, **corpus)
+    build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / name, corpus=spec, target_size=1009,
+                                   layer_ids=(1,), n_head_per_ngram=2))
+    return tmp_path / name
+
+
+def test_merge_refuses_shards_of_different_counts(tmp_path, vocab_dir):
+    """Shards counted as 0/4 and 1/2 used to merge silently (N taken from the last one read)."""
+    a = _shard(tmp_path, vocab_dir, "a", (0, 4))
+    b = _shard(tmp_path, vocab_dir, "b", (1, 2))
+    with pytest.raises(InputError, match=r"shard .*b is shard 1/2, but .*a is one of 4"):
+        build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "m", from_shards=[a, b]))
+    c = _shard(tmp_path, vocab_dir, "c", (1, 4), max_tokens=5000)
+    with pytest.raises(InputError, match=r"shard .*c differs .* in its --max-tokens \(5000 vs None\)"):
+        build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "m", from_shards=[a, c]))
+    d = _shard(tmp_path, vocab_dir, "d", (1, 4), doc_mode="line")
+    with pytest.raises(InputError, match="--doc-mode"):
+        build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "m", from_shards=[a, d]))
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_refuses_a_malformed_shard_manifest(tmp_path, vocab_dir):
+    a = _shard(tmp_path, vocab_dir, "a", (0, 2))
+    m = json.loads((a / "manifest.json").read_text())
+    m["config"]["corpus"]["shard"] = "0/2"
+    (a / "manifest.json").write_text(json.dumps(m))
+    one_line_error(["build-tables", "--from-shards", str(a), "--vocab", str(vocab_dir), "--out", str(tmp_path / "m")],
+                   "malformed shard", "--shard I/N")
+
+
+def test_top_ngrams_show_canonical_keys(sample_tables, vocab):
+    """The report shows what the memory keys on: lowercase, whitespace folded — not a member's text."""
+    top = pq.read_table(sample_tables / "top_ngrams.parquet").to_pylist()
+    keys = vocab.keys()
+    for row in top:
+        assert row["keys"] == [keys[i] for i in row["ids"]]
+    words = {k for row in top if row["n"] == 1 for k in row["keys"]}
+    assert "the" in words and not any(k != k.lower() for k in words)

@@ -35,10 +35,11 @@ TEXT = "Alexander the Great founded more than a dozen cities.\n北京大学位�
 
 @pytest.fixture(scope="session")
 def tables_dir(tmp_path_factory, vocab_dir) -> Path:
+    from engram_cli.corpus import CorpusSpec
     from engram_cli.tables import BuildTablesConfig, build_tables
 
     out = tmp_path_factory.mktemp("gates") / "tables"
-    build_tables(BuildTablesConfig(vocab=vocab_dir, out=out, sources=CORPUS, layer_ids=(0, 1), n_head_per_ngram=2,
+    build_tables(BuildTablesConfig(vocab=vocab_dir, out=out, corpus=CorpusSpec(CORPUS), layer_ids=(0, 1), n_head_per_ngram=2,
                                    embed_dim_per_head=8, target_size=2003))
     return out
 

@@ -17,6 +17,7 @@ from engram_cli.hashing import (
     TablePlan,
     expected_colliding_share,
     hash_ngrams,
+    hash_ngrams_reference,
     make_multipliers,
     make_plan,
     make_primes,
@@ -55,21 +56,6 @@ def python_hash(ids: list[list[int]], plan: TablePlan, layer: int) -> list[list[
     return out
 
 
-def reference_hash(ids: np.ndarray, plan: TablePlan, layer: int) -> np.ndarray:
-    """Plain NumPy transcription of the reference (pad-shift, mix, % per head, stack)."""
-    B, T = ids.shape
-    mults = plan.multipliers[layer]
-    shifted = [ids] + [np.pad(ids, ((0, 0), (k, 0)), constant_values=plan.canonical_pad_id)[:, :T]
-                       for k in range(1, plan.max_ngram_size)]
-    heads = []
-    for n in range(2, plan.max_ngram_size + 1):
-        mix = shifted[0] * np.int64(mults[0])
-        for k in range(1, n):
-            mix = np.bitwise_xor(mix, shifted[k] * np.int64(mults[k]))
-        heads += [mix % np.int64(p) for p in plan.primes[layer][n - 2]]
-    return np.stack(heads, axis=2)
-
-
 def small_plan(**kw) -> TablePlan:
     args = dict(canonical_vocab_size=50, canonical_pad_id=3, original_vocab_size=60, layer_ids=(1, 4),
                 max_ngram_size=3, n_head_per_ngram=3, target_sizes=(31, 47), seed=7)
@@ -106,6 +92,13 @@ def test_hash_matches_python_ints(max_n, shape):
         got = hash_ngrams(ids, plan, layer)
         assert got.dtype == np.int64 and got.shape == shape + (plan.total_heads,)
         assert got.tolist() == python_hash(ids.tolist(), plan, layer)
+        assert hash_ngrams_reference(ids, plan, layer).tolist() == got.tolist()
+
+
+def test_reference_keeps_a_1d_shape():
+    plan = small_plan()
+    ids = np.arange(9)
+    assert np.array_equal(hash_ngrams_reference(ids, plan, 1), hash_ngrams(ids, plan, 1))
 
 
 def test_hash_wraps_like_int64_with_negative_mixes():
@@ -133,7 +126,7 @@ def test_hash_matches_reference_transcription(monkeypatch, chunk, threads, shape
     ids[rng.random(shape) < 0.05] = -123456789012
     for layer in plan.layer_ids:
         assert np.array_equal(hash_ngrams(ids, plan, layer, num_threads=threads),
-                              reference_hash(ids, plan, layer))
+                              hash_ngrams_reference(ids, plan, layer))
 
 
 def test_hash_default_plan_matches_reference_on_big_vocab():
@@ -141,7 +134,7 @@ def test_hash_default_plan_matches_reference_on_big_vocab():
     ids = np.random.default_rng(1).integers(0, 98_304, (3, 5000))
     for layer in plan.layer_ids:
         got = hash_ngrams(ids, plan, layer)
-        assert np.array_equal(got, reference_hash(ids, plan, layer))
+        assert np.array_equal(got, hash_ngrams_reference(ids, plan, layer))
         assert (got >= 0).all() and (got < np.array(plan.head_sizes(layer))).all()
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engram_cli.commands.options import DocMode, Force, Json, MaxTokens, Quiet, TextColumn, Tokenizer
+from engram_cli.commands.options import DocMode, Force, HfSplit, Json, MaxTokens, Quiet, TextColumn, Tokenizer
 from engram_cli.errors import ConfigError
 
 EXAMPLES = [
@@ -35,13 +35,6 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not m:
-        raise ConfigError(f"--shard {text!r} is not of the form I/N", "write e.g. --shard 0/4")
-    return int(m.group(1)), int(m.group(2))
-
-
 def parse_layers(text: str) -> tuple[int, ...]:
     try:
         ids = tuple(int(x) for x in text.split(",") if x.strip())
@@ -62,20 +55,20 @@ def build_tables_command(
     text_column: TextColumn = "text",
     doc_mode: DocMode = "file",
     max_tokens: MaxTokens = None,
-    hf_split: Annotated[str, typer.Option("--hf-split", help="Split of a `datasets` directory or hub dataset.")] = "train",
+    hf_split: HfSplit = "train",
     skip_bad_files: Annotated[bool, typer.Option("--skip-bad-files/--no-skip-bad-files", help="Skip unreadable or non-UTF-8 files with a counted warning, or refuse them.")] = True,
-    max_n: Annotated[int, typer.Option("--max-n", help="Largest n-gram order (reference: 3).")] = 3,
+    max_ngram_size: Annotated[int, typer.Option("--max-ngram-size", help="Largest n-gram order (reference: 3).")] = 3,
     layers: Annotated[str, typer.Option("--layers", metavar="IDS", help="Engram layer ids, comma-separated (reference: 1,15).")] = "1,15",
-    heads: Annotated[int, typer.Option("--heads", min=1, help="Hash heads per order (reference: 8).")] = 8,
+    n_head_per_ngram: Annotated[int, typer.Option("--heads-per-ngram", min=1, help="Hash heads per n-gram order (reference: 8).")] = 8,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Multiplier seed (reference: 0).")] = 0,
     pad_id: Annotated[int, typer.Option("--pad-id", min=0, help="Original token id read before a sequence starts (reference: 2).")] = 2,
-    embed_dim: Annotated[int, typer.Option("--embed-dim", min=1, help="Embedding dims per head (d_mem / heads).")] = 32,
+    embed_dim_per_head: Annotated[int, typer.Option("--embed-dim-per-head", min=1, help="Row width of each head's table (d_mem / heads).")] = 32,
     target_size: Annotated[Optional[int], typer.Option("--target-size", help="Slots per head for every order (default: 5 x vocabulary size).")] = None,
     target_collision_rate: Annotated[Optional[float], typer.Option("--target-collision-rate", metavar="RATE", help="Size each order so uniform hashing leaves this share of distinct n-grams colliding.")] = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", metavar="SIZE", help="Total bytes for all tables at --dtype, e.g. 2GB.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Table element type for memory figures: fp32, bf16 or fp8.")] = "bf16",
+    dtype: Annotated[str, typer.Option("--dtype", help="Table element type for memory figures and --memory-budget: fp32, bf16 or fp8.")] = "bf16",
     sweep: Annotated[bool, typer.Option("--sweep", help="Also measure collision rate against table size and plot it.")] = False,
-    top: Annotated[int, typer.Option("--top", min=1, help="Top n-grams listed per order.")] = 20,
+    top_ngrams: Annotated[int, typer.Option("--top-ngrams", min=1, help="Most frequent n-grams listed per order.")] = 20,
     shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Count only documents with index % N == I; writes counts only.")] = None,
     from_shards: Annotated[Optional[list[Path]], typer.Option("--from-shards", metavar="DIR", help="Merge shard outputs instead of reading a corpus (repeat, or list them after it).")] = None,
     spill_dir: Annotated[Optional[Path], typer.Option("--spill-dir", metavar="DIR", help="Where partial counts spill to disk (default: a temp dir).")] = None,
@@ -88,34 +81,30 @@ def build_tables_command(
     Tokenizes the corpus with the vocab's tokenizer, maps ids to canonical ids, counts every 1..N-gram exactly (never across documents), makes the table plan `engram train` reads (prime sizes per layer, order and head; hash multipliers — the reference Engram scheme), and measures how often the hashing collides at those sizes beside what uniform hashing predicts.
     """
     from engram_cli.commands.render import RichProgress, print_json
+    from engram_cli.corpus import CorpusSpec, parse_shard
     from engram_cli.tables import BuildTablesConfig, build_tables
 
     sources = list(corpus or [])
     shards = list(from_shards or [])
     if shards and sources:  # `--from-shards a b c`: the extra directories arrive as positionals
         shards, sources = shards + [Path(s) for s in sources], []
+    if shards and shard:
+        raise ConfigError("--shard and --from-shards cannot be combined", "count shards first, then merge them")
+    spec = CorpusSpec(sources=sources, text_column=text_column, doc_mode=doc_mode, max_tokens=max_tokens,
+                      hf_split=hf_split, skip_bad_files=skip_bad_files,
+                      shard=parse_shard(shard) if shard else None) if sources else None
     config = BuildTablesConfig(
-        vocab=vocab, out=out, sources=sources, tokenizer=tokenizer, text_column=text_column,
-        doc_mode=_choice("--doc-mode", doc_mode, ("file", "line")), max_tokens=max_tokens,
-        hf_split=hf_split, skip_bad_files=skip_bad_files,
-        shard=parse_shard(shard) if shard else None, from_shards=shards, max_n=max_n,
-        layer_ids=parse_layers(layers), n_head_per_ngram=heads, seed=seed, pad_id=pad_id,
-        embed_dim_per_head=embed_dim, target_size=target_size, target_collision_rate=target_collision_rate,
+        vocab=vocab, out=out, corpus=spec, from_shards=shards, tokenizer=tokenizer, max_ngram_size=max_ngram_size,
+        layer_ids=parse_layers(layers), n_head_per_ngram=n_head_per_ngram, seed=seed, pad_id=pad_id,
+        embed_dim_per_head=embed_dim_per_head, target_size=target_size, target_collision_rate=target_collision_rate,
         memory_budget=parse_bytes(memory_budget) if memory_budget else None,
-        dtype=_choice("--dtype", dtype, ("fp32", "bf16", "fp8")), top_k=top, sweep=sweep,
-        spill_dir=spill_dir, force=force)
+        dtype=dtype, top_ngrams=top_ngrams, sweep=sweep, spill_dir=spill_dir, force=force)
     with RichProgress(enabled=not quiet and not json_out, rate_key="tokens") as progress:
         result = build_tables(config, progress=progress)
     if json_out:
         print_json(result.to_dict())
     else:
         render(result)
-
-
-def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{option} must be one of {', '.join(allowed)}, got {value!r}", f"e.g. {option} {allowed[0]}")
-    return value
 
 
 def _bytes(n: float) -> str:
@@ -127,6 +116,7 @@ def _bytes(n: float) -> str:
 
 
 def render(result) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from engram_cli.commands.render import err, out, show_token
@@ -134,7 +124,8 @@ def render(result) -> None:
     for path, why in result.skipped_files:
         err.print(f"[yellow]skipped[/] {path}: {why}")
     out.print(f"[bold]Corpus[/] {result.documents:,} documents, {result.tokens:,} tokens "
-              f"[dim]({result.tokens_per_second:,.0f} tokens/s; {len(result.skipped_files)} files skipped)[/]")
+              f"[dim]({result.tokens_per_second:,.0f} tokens/s; {len(result.skipped_files)} files skipped; "
+              f"{result.bad_records:,} bad records skipped)[/]")
     t = Table(title="Distinct n-grams per order", title_justify="left")
     for col in ("n", "occurrences", "distinct", "seen once", "twice", "3-10×", ">10×", "top-100 cover", "top-10k cover"):
         t.add_column(col, justify="right")
@@ -154,11 +145,12 @@ def render(result) -> None:
         tt.add_column("#", justify="right")
         tt.add_column("count", justify="right")
         tt.add_column("share", justify="right")
-        tt.add_column("text")
+        tt.add_column("canonical keys")
         for row in rows[:10]:
-            tt.add_row(str(row["rank"]), f"{row['count']:,}", f"{row['share']:.2%}", show_token(row["text"], 48))
+            keys = " [dim]·[/] ".join(escape(show_token(k, 16)) for k in row.keys)
+            tt.add_row(str(row.rank), f"{row.count:,}", f"{row.share:.2%}", keys)
         out.print(tt)
-    plan = result.plan
+    plan = result.plan.to_dict()
     p = Table(title="Table plan", title_justify="left")
     p.add_column("layer", justify="right")
     p.add_column("n", justify="right")
@@ -177,30 +169,22 @@ def render(result) -> None:
     out.print(f"[dim]wrote[/] {result.out}/")
 
 
-def render_collisions(rows) -> None:
+def render_collisions(report) -> None:
+    """The collision report's per-(layer, order) summary: means over heads, predictions in brackets."""
     from rich.table import Table
 
     from engram_cli.commands.render import out
 
-    heads = [r for r in rows if r.get("head") is not None and r.get("head", -1) >= 0]
     c = Table(title="Collisions: measured (predicted by uniform hashing)", title_justify="left")
     for col in ("layer", "n", "keys", "slots/head", "occupied", "colliding", "colliding (weighted)", "max load", "indistinguishable"):
         c.add_column(col, justify="right")
-    groups: dict[tuple[int, int], list[dict]] = {}
-    for r in heads:
-        groups.setdefault((r["layer"], r["n"]), []).append(r)
-    summary = {(r["layer"], r["n"]): r for r in rows if r.get("head") is None or r.get("head", 0) < 0}
-    import statistics
-
-    for (layer, n), hs in groups.items():
-        s = summary.get((layer, n), {})
-        med = lambda k: statistics.median(h[k] for h in hs)  # noqa: E731
-        c.add_row(str(layer), str(n), f"{hs[0]['keys']:,}", f"{int(med('slots')):,}",
-                  f"{med('occupied_share'):.1%} ({med('occupied_share_pred'):.1%})",
-                  f"{med('colliding_share'):.2%} ({med('colliding_share_pred'):.2%})",
-                  f"{med('colliding_share_weighted'):.2%}",
-                  f"{int(max(h['max_load'] for h in hs))} ({med('max_load_pred'):.1f})",
-                  f"{s.get('indistinguishable_share', float('nan')):.2%} ({s.get('indistinguishable_share_pred', float('nan')):.2%})")
+    for s in report.summary():
+        c.add_row(str(s["layer"]), str(s["n"]), f"{s['keys']:,}", f"{s['slots_mean']:,.0f}",
+                  f"{s['occupied_share_mean']:.1%} ({s['occupied_share_pred_mean']:.1%})",
+                  f"{s['colliding_share_mean']:.2%} ({s['colliding_share_pred_mean']:.2%})",
+                  f"{s['colliding_share_weighted_mean']:.2%}",
+                  f"{s['max_load']} ({s['max_load_pred_mean']:.1f})",
+                  f"{s['indistinguishable_share']:.2%} ({s['indistinguishable_share_pred']:.2%})")
     out.print(c)
-    out.print("[dim]per-head figures are medians over the order's heads; indistinguishable = collides with the "
-              "same n-gram in every head[/]")
+    out.print("[dim]per-head figures are means over the order's heads, max load the largest of any head; "
+              "indistinguishable = collides with the same n-gram in every head[/]")

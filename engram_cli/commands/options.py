@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -15,14 +14,8 @@ Tokenizer = Annotated[str, typer.Option(
          "or hf:ORG/NAME (needs a network).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
-
-def out_option(help: str) -> object:
-    return typer.Option("--out", "-o", help=help, metavar="DIR")
-
-
-OutDir = Annotated[Path, out_option("Output artifact directory.")]
-
 # Corpus inputs, shared by every command that reads a corpus (see docs/corpus.md)
 TextColumn = Annotated[str, typer.Option("--text-column", help="Text field of JSONL/Parquet/datasets inputs.")]
 DocMode = Annotated[str, typer.Option("--doc-mode", help="Plain-text files: `file` (one document each) or `line` (one per line).")]
+HfSplit = Annotated[str, typer.Option("--hf-split", help="Split of a `datasets` directory or hub dataset.")]
 MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")]
