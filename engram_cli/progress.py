@@ -5,7 +5,7 @@ Library functions that take more than a second accept ``progress: ProgressFn | N
 "count", "hash"...), ``completed`` how much of that task is done so far (absolute, not an
 increment), ``total`` the expected amount or None when unknown, and ``info`` extra figures to show
 (e.g. ``tokens=...``, ``loss=...``). The command-line layer turns these calls into Rich progress
-bars on stderr (``engram_cli.cli.render.RichProgress``); tests pass nothing or a list appender.
+bars on stderr (``engram_cli.commands.render.RichProgress``); tests pass nothing or a list appender.
 """
 
 from __future__ import annotations
