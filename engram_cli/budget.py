@@ -62,6 +62,8 @@ def engram_dense_params(config: ModelConfig, plan: TablePlan) -> int:
     C, hc = config.n_embd, config.engram_hc_mult
     d_mem = plan.total_heads * plan.embed_dim_per_head
     per_layer = hc * C * d_mem + C * d_mem + 3 * hc * C + hc * C * config.engram_conv_kernel
+    if config.engram_reference_module:
+        per_layer += hc * C + C  # the biases of W_K and W_V
     return len(plan.layer_ids) * per_layer
 
 

@@ -50,10 +50,11 @@ class RMSNorm(nn.Module):
 
     ``shape`` is the gain's shape: ``(C,)`` for the usual norm, ``(hc, C)`` for one independent
     norm per hyper-connection branch (the same as ``hc`` separate ``RMSNorm(C)`` modules, applied
-    to a (..., hc, C) tensor in one call).
+    to a (..., hc, C) tensor in one call). ``eps=None`` takes the epsilon of the input's dtype,
+    as PyTorch's ``nn.RMSNorm(eps=None)`` does (float32: 1.19e-7).
     """
 
-    def __init__(self, *shape: int, eps: float = 1e-5):
+    def __init__(self, *shape: int, eps: float | None = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(*shape))
@@ -61,7 +62,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # computed in float32 so that bf16 activations do not lose the small mean-square
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
         return xf.to(x.dtype) * self.weight
 
 
@@ -310,8 +312,12 @@ class Engram(nn.Module):
     With hyper-connections (hc > 1) the residual stream has hc branches; each branch gets its own
     key projection and its own pair of norms (so its own gate), while the tables and W_V are shared
     (as in the reference implementation); the conv has its own channels and norm per branch.
-    W_K and W_V have no bias, following the paper's ``k_t = W_K e_t`` (the reference's Linear
-    layers carry a bias); this also makes ``W_V = 0`` switch the module off exactly.
+    As in the reference implementation (``engram_reference_module``, the default), W_K and W_V
+    carry a bias (PyTorch's ``nn.Linear`` default) and the two gate norms use the epsilon of the
+    hidden states' dtype (``nn.RMSNorm(eps=None)``); ``engram_reference_module = False`` gives
+    the paper's bias-free ``k_t = W_K e_t`` and the backbone's ``norm_eps`` (docs/model.md has
+    the measured difference). The short conv starts at zero by default (``engram_conv_init``), so
+    a fresh module adds only its gated value ``alpha_t * v_t`` to the residual stream.
     """
 
     def __init__(self, config: ModelConfig, plan: TablePlan, layer_id: int):
@@ -323,10 +329,12 @@ class Engram(nn.Module):
             plan.head_sizes(layer_id), plan.head_offsets(layer_id), plan.embed_dim_per_head
         )
         d_mem = plan.total_heads * plan.embed_dim_per_head  # = (max_n - 1) * n_head_per_ngram * D
-        self.key_proj = nn.Linear(d_mem, self.hc_mult * config.n_embd, bias=False)  # hc stacked W_K
-        self.value_proj = nn.Linear(d_mem, config.n_embd, bias=False)  # W_V, shared by the branches
-        self.query_norm = RMSNorm(self.hc_mult, config.n_embd, eps=config.norm_eps)  # on h_t
-        self.key_norm = RMSNorm(self.hc_mult, config.n_embd, eps=config.norm_eps)  # on k_t
+        bias = config.engram_reference_module  # the reference's nn.Linear layers carry a bias
+        self.key_proj = nn.Linear(d_mem, self.hc_mult * config.n_embd, bias=bias)  # hc stacked W_K
+        self.value_proj = nn.Linear(d_mem, config.n_embd, bias=bias)  # W_V, shared by the branches
+        gate_eps = None if config.engram_reference_module else config.norm_eps  # None: dtype's eps
+        self.query_norm = RMSNorm(self.hc_mult, config.n_embd, eps=gate_eps)  # on h_t
+        self.key_norm = RMSNorm(self.hc_mult, config.n_embd, eps=gate_eps)  # on k_t
         self.short_conv = ShortConv(
             config.n_embd, self.hc_mult, config.engram_conv_kernel, plan.max_ngram_size, config.norm_eps
         )
@@ -423,6 +431,13 @@ class ModelConfig:
     engram_hc_mult: int = 1
     # kernel size of Engram's depthwise causal conv (paper / reference: 4).
     engram_conv_kernel: int = 4
+    # init of that conv's weights: "zero" (the paper: the module starts as an identity-preserving
+    # addition of its gated value) or "default" (PyTorch's kaiming-uniform; measured to make
+    # training worse by 0.3-0.5 nats on a 1M-token corpus, docs/training.md).
+    engram_conv_init: str = "default"
+    # build W_K/W_V with biases and the gate norms with the dtype's epsilon, as DeepSeek's
+    # reference Engram module does (True); False: no biases, norm_eps (docs/model.md).
+    engram_reference_module: bool = False
     # dropout on embeddings, attention and residual outputs (0 for small-data pretraining, nanoGPT).
     dropout: float = 0.0
     # RMSNorm epsilon (1e-5 as in LLaMA).
@@ -468,6 +483,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", "use 0.0 to disable dropout")
+        if self.engram_conv_init not in ("zero", "default"):
+            raise ConfigError(f"engram_conv_init must be zero or default, got {self.engram_conv_init!r}",
+                              "use zero (the paper) or default (PyTorch's init)")
         if plan is None:
             return
         if not plan.layer_ids:
@@ -539,10 +557,15 @@ class EngramModel(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2 style normal(0, 0.02) for every matrix; norms start at 1 (their constructor). The
-        # Engram conv keeps PyTorch's default init, as in the reference implementation.
+        # GPT-2 style normal(0, 0.02) for every matrix, zero biases; norms start at 1 (their
+        # constructor). The Engram conv starts at zero (the paper) unless engram_conv_init is
+        # "default" (PyTorch's init; the reference demo never trains, so it sets no init).
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, ShortConv) and self.config.engram_conv_init == "zero":
+            nn.init.zeros_(module.conv.weight)
         elif isinstance(module, Experts):
             for w in (module.w_gate, module.w_up, module.w_down):
                 nn.init.normal_(w, mean=0.0, std=self.config.init_std)

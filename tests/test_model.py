@@ -307,3 +307,51 @@ def test_loss_decreases_on_a_repeated_sequence(hc):
         sparse.step()
         losses.append(out.lm_loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------- Engram init and reference fidelity
+
+
+@pytest.mark.parametrize("hc", [1, 2])
+def test_fresh_engram_conv_branch_contributes_nothing(hc):
+    """Zero-initialized short conv (the paper): a fresh module adds exactly alpha_t * v_t."""
+    model = EngramModel(tiny_config(engram_hc_mult=hc, engram_conv_init="zero"), tiny_plan())
+    idx, canon = batch()
+    for layer in model.engram_layer_ids:
+        engram = model.blocks[layer].engram
+        assert torch.count_nonzero(engram.short_conv.conv.weight) == 0
+        h = torch.randn(2, 16, hc, 32) * 0.02
+        slots = model.engram_slots(canon)[layer]
+        with torch.no_grad():
+            y, gate = engram(h, slots)
+            v = engram.value_proj(engram.tables(slots).flatten(start_dim=-2))  # (B, T, C)
+        torch.testing.assert_close(y, gate.unsqueeze(-1) * v.unsqueeze(2), rtol=0, atol=0)
+    old = EngramModel(tiny_config(engram_conv_init="default"), tiny_plan())
+    assert torch.count_nonzero(old.blocks[0].engram.short_conv.conv.weight) > 0
+
+
+def test_engram_module_is_built_as_the_reference_builds_it():
+    """W_K/W_V with biases (nn.Linear default) and gate norms at the dtype's eps (nn.RMSNorm(eps=None))."""
+    ref = EngramModel(tiny_config(engram_reference_module=True), tiny_plan()).blocks[0].engram
+    assert ref.key_proj.bias is not None and ref.value_proj.bias is not None
+    assert ref.query_norm.eps is None and ref.key_norm.eps is None
+    x = torch.full((1, 1, 1, 32), 1e-4)  # mean square 1e-8: the eps decides the scale
+    expect = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(ref.query_norm(x), expect)
+    ours = EngramModel(tiny_config(engram_reference_module=False), tiny_plan()).blocks[0].engram
+    assert ours.key_proj.bias is None and ours.value_proj.bias is None
+    assert ours.query_norm.eps == ours.key_norm.eps == 1e-5
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_engram_biases_are_counted(reference):
+    from engram_cli.budget import predict_param_counts
+
+    cfg, plan = tiny_config(engram_reference_module=reference, engram_hc_mult=2), tiny_plan()
+    assert predict_param_counts(cfg, plan) == {k: v for k, v in param_counts(EngramModel(cfg, plan)).items()
+                                               if k in predict_param_counts(cfg, plan)}
+
+
+def test_unknown_conv_init_is_refused():
+    with pytest.raises(ConfigError, match="engram_conv_init"):
+        tiny_config(engram_conv_init="xavier").validate()
