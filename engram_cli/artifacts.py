@@ -93,20 +93,144 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
-def check_output_dir(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse an existing non-empty output directory unless ``force``."""
+def artifact_format(directory: str | os.PathLike) -> str | None:
+    """The ``format`` named by ``directory/manifest.json``, or None when it has no readable one."""
+    try:
+        doc = json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    return fmt if isinstance(fmt, str) else None
+
+
+def _describe_contents(directory: Path) -> str:
+    names = sorted(p.name for p in directory.iterdir())
+    shown = ", ".join(names[:3]) + (f", … ({len(names)} entries)" if len(names) > 3 else "")
+    return shown
+
+
+def check_output_dir(out: str | os.PathLike, force: bool, fmt: str | None = None) -> Path:
+    """Refuse an output path that may not be written.
+
+    An existing non-empty directory needs ``force``, and ``force`` replaces only an engram
+    artifact of the same kind (``fmt``; any engram artifact when ``fmt`` is None): a directory
+    of other files, a symbolic link or a regular file is never replaced.
+    """
     out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise ArtifactError(f"output path {str(out)!r} names no directory of its own",
+                            "pass a new directory, e.g. --out out/name")
+    if out.is_symlink():
+        raise ArtifactError(f"output path {out} is a symbolic link; engram does not write through it",
+                            f"pass the real path ({out.resolve()}) or another --out")
     if out.exists() and not out.is_dir():
-        raise ArtifactError(f"output path {out} exists and is not a directory",
-                            "choose another --out path")
-    if out.exists() and any(out.iterdir()) and not force:
+        raise ArtifactError(f"output path {out} exists and is not a directory", "choose another --out path")
+    if not out.exists() or not any(out.iterdir()):
+        return out
+    if not force:
         raise ArtifactError(f"output directory {out} already exists",
                             "pass --force to replace it, or choose another --out")
+    found = artifact_format(out)
+    wanted = fmt if fmt is not None else "an engram artifact"
+    if found is None or found not in FORMATS or (fmt is not None and found != fmt):
+        what = f"a {found!r} artifact" if found else f"files that are not an engram artifact ({_describe_contents(out)})"
+        raise ArtifactError(f"{out} holds {what}; --force replaces only {wanted!r}",
+                            "choose another --out (engram never deletes what it did not write)")
     return out
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the output ``out`` for the lifetime of a writer.
+
+    The lock is ``flock`` on ``.<name>.lock`` beside ``out`` (released by the kernel when the
+    process dies, so a killed writer never leaves a stale lock); the holder's pid is written into
+    it. A second writer gets an :class:`ArtifactError` naming that pid. Re-entrant within a
+    process (a command that locks and then calls a library function that locks again).
+    """
+    out = Path(out)
+    key = str(out.absolute())
+    if key in _HELD:
+        yield out
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}.lock")
+    fd = _acquire(lock, out)
+    try:
+        _HELD.add(key)
+        try:
+            recover_output(out)
+            yield out
+        finally:
+            _HELD.discard(key)
+            lock.unlink(missing_ok=True)  # before the release: a waiter then finds a new file
+    finally:
+        os.close(fd)
+
+
+def _acquire(lock: Path, out: Path) -> int:
+    """flock ``lock`` without waiting; retry when the file was replaced while we locked it."""
+    import fcntl
+
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ArtifactError(f"{out} is being written by another engram process (pid {holder})",
+                                "wait for it to finish, or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # the holder removed it as we locked it: lock the new file
+
+
+_HELD: set[str] = set()
+
+
+def recover_output(out: Path) -> None:
+    """Finish what a killed writer of ``out`` left (call only while holding :func:`output_lock`).
+
+    A writer killed between the two renames of a commit leaves ``out`` missing and the previous
+    artifact in ``.<name>.old-<pid>``: it is put back. Leftover ``.<name>.tmp-*`` directories
+    (files of an unfinished write) and ``.old`` copies beside a complete ``out`` are removed.
+    """
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out.exists():
+        os.replace(olds.pop(), out)
+    for p in olds + list(out.parent.glob(f".{out.name}.tmp-*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _umask_mode(mode: int = 0o777) -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
 
 
 @dataclass
@@ -151,11 +275,13 @@ class ArtifactWriter:
         manifest = self._manifest()
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
+        _fsync_dir(self.tmp)
         old = None
-        if self.out.exists():
+        if self.out.exists():  # replaced only now that the new artifact is complete
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
+            os.replace(self.out, old)  # a crash from here on is undone by recover_output
         os.replace(self.tmp, self.out)
+        _fsync_dir(self.out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return manifest
@@ -169,35 +295,74 @@ def artifact_dir(out: str | os.PathLike, fmt: str, *, force: bool = False) -> It
     ...     np.save(w.path("vocab_map.npy"), table)
     ...     w.summary["canonical_vocab_size"] = 98765
 
-    On an exception the temp directory is removed and ``out`` is left as it was.
+    On an exception the temp directory is removed and ``out`` is left as it was. The writer holds
+    :func:`output_lock` on ``out`` throughout, and ``force`` replaces only an artifact of the same
+    format (:func:`check_output_dir`), and only once the new one is complete.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown artifact format {fmt!r}")
-    out = check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    writer = ArtifactWriter(out=out, tmp=tmp, format=fmt)
-    try:
-        yield writer
-        writer.commit()
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(out)
+    with output_lock(out):
+        out = check_output_dir(out, force, fmt)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, _umask_mode())  # mkdtemp makes 0700; an artifact gets the usual permissions
+        writer = ArtifactWriter(out=out, tmp=tmp, format=fmt)
+        try:
+            yield writer
+            writer.commit()
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_manifest(directory: str | os.PathLike, fmt: str, *, verify_hashes: bool = False) -> dict[str, Any]:
+def verify_hashes_default() -> bool:
+    """Whether loaders recompute sha256 of what they read: yes unless ``ENGRAM_VERIFY=size``
+    (sizes are always checked; hashing a multi-GB artifact on every load may be skipped)."""
+    return os.environ.get("ENGRAM_VERIFY", "hash").strip().lower() != "size"
+
+
+def inside(directory: Path, name: Any) -> Path:
+    """``directory / name`` for a relative path that stays inside ``directory``; else ArtifactError."""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name \
+            or any(part in ("", ".", "..") for part in name.split("/")):
+        raise ArtifactError(f"{directory}/{MANIFEST} names a file outside the artifact: {name!r}",
+                            "recreate the artifact; engram reads only files inside it")
+    return directory / name
+
+
+def check_schema(doc: Any, where: str, fields: dict[str, type | tuple[type, ...]], fix: str) -> dict:
+    """``doc`` must be a JSON object whose ``fields`` have the given types (one ArtifactError)."""
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{where} is not a JSON object", fix)
+    for key, typ in fields.items():
+        if key not in doc:
+            raise ArtifactError(f"{where} has no {key!r}", fix)
+        if not isinstance(doc[key], typ) or (typ is int and isinstance(doc[key], bool)):
+            raise ArtifactError(f"{where}: {key!r} is a {type(doc[key]).__name__}, not what engram wrote", fix)
+    return doc
+
+
+_MANIFEST_FIELDS = {"format": str, "format_version": int, "config": dict, "inputs": dict, "files": dict,
+                    "summary": dict}
+
+
+def read_manifest(directory: str | os.PathLike, fmt: str, *, verify_hashes: bool | None = None) -> dict[str, Any]:
     """Load and validate ``directory/manifest.json`` for an artifact of format ``fmt``.
 
-    Checks that the directory and manifest exist, that the format and version match and that
-    every listed file is present (and, with ``verify_hashes``, unchanged). Errors name the
-    command that produces the artifact.
+    Checks that the directory and manifest exist, the manifest's schema, that the format and
+    version match, that every listed file lies inside the directory and is present with its
+    recorded size and (``verify_hashes``, default :func:`verify_hashes_default`) sha256. Errors
+    name the command that produces the artifact.
     """
     version, producer = FORMATS[fmt]
     directory = Path(directory)
     what = fmt.split(".", 1)[1]
+    fix = f"recreate it with `{producer} --force`"
     if not directory.is_dir():
-        raise ArtifactError(f"{what} directory {directory} does not exist",
-                            f"create it with `{producer}`")
+        hint = f"create it with `{producer}`"
+        if directory.exists():
+            raise ArtifactError(f"{what} path {directory} is a file, not an artifact directory", hint)
+        raise ArtifactError(f"{what} directory {directory} does not exist", hint)
     if not (directory / MANIFEST).is_file():
         raise ArtifactError(f"{directory} has no {MANIFEST}: it is not a {what} artifact",
                             f"create it with `{producer}`")
@@ -210,12 +375,13 @@ def read_manifest(directory: str | os.PathLike, fmt: str, *, verify_hashes: bool
         raise ArtifactError(
             f"{directory} has {fmt} format version {manifest.get('format_version')}, this engram reads {version}",
             f"recreate it with `{producer}`")
-    for name, meta in manifest.get("files", {}).items():
-        p = directory / name
+    check_schema(manifest, f"{directory}/{MANIFEST}", _MANIFEST_FIELDS, fix)
+    verify = verify_hashes_default() if verify_hashes is None else verify_hashes
+    for name, meta in manifest["files"].items():
+        p = inside(directory, name)
+        check_schema(meta, f"{directory}/{MANIFEST} entry {name!r}", {"bytes": int, "sha256": str}, fix)
         if not p.is_file():
-            raise ArtifactError(f"{directory} is incomplete: {name} is missing",
-                                f"recreate it with `{producer} --force`")
-        if verify_hashes and sha256_file(p) != meta.get("sha256"):
-            raise ArtifactError(f"{p} was modified after it was written (sha256 mismatch)",
-                                f"recreate it with `{producer} --force`")
+            raise ArtifactError(f"{directory} is incomplete: {name} is missing", fix)
+        if p.stat().st_size != meta["bytes"] or (verify and sha256_file(p) != meta["sha256"]):
+            raise ArtifactError(f"{p} was modified after it was written (size or sha256 mismatch)", fix)
     return manifest
