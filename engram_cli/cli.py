@@ -8,15 +8,19 @@ exits with status 1. ``ENGRAM_DEBUG=1`` re-raises instead, showing the traceback
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 import typer
 from typer.core import TyperGroup
 
 from engram_cli import __version__
-from engram_cli.errors import EngramError
+from engram_cli.errors import EngramError, Interrupted
 
 
 def _parser_exceptions(name: str) -> tuple[type[BaseException], ...]:
@@ -50,13 +54,52 @@ def print_error(message: str, hint: str | None = None) -> None:
     Console(stderr=True, soft_wrap=True, highlight=False).print(line)
 
 
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _interrupts_as_exceptions():
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread while a command runs
+    (Typer would turn a KeyboardInterrupt into a silent exit 130)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def disk_error_line(e: OSError) -> tuple[str, str]:
+    """One line for an OS error (disk full, read-only, permissions...): what, where, the errno."""
+    name = errno.errorcode.get(e.errno or 0, "OSError")
+    where = f" on {e.filename}" if e.filename else ""
+    fixes = {errno.ENOSPC: "free disk space or write elsewhere (--out)",
+             errno.EDQUOT: "free disk space or write elsewhere (--out)",
+             errno.EROFS: "write to a writable location (--out)",
+             errno.EACCES: "check the permissions, or write elsewhere (--out)",
+             errno.EPERM: "check the permissions, or write elsewhere (--out)"}
+    return f"{e.strerror or e}{where} ({name})", fixes.get(e.errno, "check the path and the disk")
+
+
 class EngramGroup(TyperGroup):
     """Typer group that turns user errors into one line + exit 1 (see module docstring)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
-                              standalone_mode=False, **extra)
+            with _interrupts_as_exceptions():
+                rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                  standalone_mode=False, **extra)
+        except Interrupted as e:
+            if debug_enabled():
+                import traceback
+
+                traceback.print_exc()
+            print_error(e.message, e.hint)
+            rv = 128 + e.signum
         except EngramError as e:
             if debug_enabled():
                 raise
@@ -77,6 +120,16 @@ class EngramGroup(TyperGroup):
         except KeyboardInterrupt:
             print_error("interrupted; artifacts already written are intact")
             rv = 130
+        except OSError as e:
+            if debug_enabled():
+                raise
+            print_error(*disk_error_line(e))
+            rv = 1
+        except MemoryError:
+            if debug_enabled():
+                raise
+            print_error("out of memory", "use a smaller configuration (batch size, model or table sizes)")
+            rv = 1
         code = rv if isinstance(rv, int) else 0
         if standalone_mode:
             sys.exit(code)

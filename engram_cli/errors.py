@@ -35,3 +35,22 @@ class ConfigError(EngramError):
 
 class TrainingError(EngramError):
     """Training cannot go on (e.g. the loss became NaN)."""
+
+
+class Interrupted(BaseException):
+    """The process got SIGINT (Ctrl-C) or SIGTERM while the command line ran.
+
+    A ``BaseException`` like ``KeyboardInterrupt`` (so ordinary ``except Exception`` handlers do
+    not swallow it). Library code that knows what survived (the trainer: the latest checkpoint)
+    catches it, records the interruption and re-raises it with ``message`` and ``hint`` set; the
+    command line prints them on one line and exits 128 + the signal number.
+    """
+
+    def __init__(self, signum: int, message: str | None = None, hint: str | None = None):
+        import signal
+
+        super().__init__(signum)
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.message = message or f"interrupted by {self.signal_name}"
+        self.hint = hint or "outputs already written are intact; an unfinished output was discarded"

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from engram_cli.cli import app
 from engram_cli.commands import COMMANDS
+
 from cli_asserts import one_red_line
 
 runner = CliRunner()
@@ -108,3 +109,36 @@ def test_debug_variable_shows_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "engram_cli", "normalize-vocab", "-o", str(tmp_path / "v"),
                         "-t", str(tmp_path / "nope.json")], capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "Traceback" in r.stderr and "InputError" in r.stderr
+
+
+def test_disk_errors_are_one_line_naming_the_path_and_errno(monkeypatch, tmp_path):
+    import errno
+
+    import engram_cli.vocab
+
+    def full_disk(config, progress=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "v" / "vocab_map.npy"))
+
+    monkeypatch.setattr(engram_cli.vocab, "normalize_vocab", full_disk)
+    one_red_line(invoke("normalize-vocab", "-o", str(tmp_path / "v")),
+                 "No space left on device on", "vocab_map.npy", "(ENOSPC)", "free disk space")
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupts_say_what_happened(tmp_path, sig, code):
+    """Ctrl-C / SIGTERM: one line naming the signal, exit 128 + signal number, no traceback."""
+    import signal
+
+    script = ("import time, engram_cli.vocab as v\n"
+              "def slow(config, progress=None):\n    print('ready', flush=True); time.sleep(60)\n"
+              "v.normalize_vocab = slow\n"
+              "from engram_cli.cli import main\nmain()\n")
+    p = subprocess.Popen([sys.executable, "-c", script, "normalize-vocab", "-o", str(tmp_path / "v")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == code
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"interrupted by {sig}" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "v").exists()
