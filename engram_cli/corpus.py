@@ -54,6 +54,7 @@ _READ_CHUNK = 4 << 20               # bytes per read in the UTF-8 check
 _PARQUET_BATCH_ROWS = 1024          # rows per Parquet record batch
 _HF_BATCH_ROWS = 1000               # rows per batch read from a save_to_disk dataset
 _MAX_BAD_RECORDS_KEPT = 20          # bad-record examples kept in CorpusStats
+PIECE_CHARS = 1 << 20               # longer documents are tokenized in pieces (bounded memory)
 
 
 @dataclass
@@ -511,12 +512,74 @@ def iter_tokenized(spec: CorpusSpec, tokenizer, *, stats: CorpusStats | None = N
     return _tokenized(spec, tokenizer, docs, stats, batch_size, batch_bytes, report(progress))
 
 
+def split_long_document(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
+    """Cut a document longer than ``piece_chars`` into pieces to tokenize one after the other.
+
+    Each cut is placed where the pre-tokenizer starts a new pre-token anyway, so the pieces'
+    ids concatenated equal the whole document's (tested on the bundled tokenizer): right after a
+    newline that is followed by a non-space, else just before a space that sits between two
+    non-space characters; only a window of ``piece_chars`` with neither (e.g. unbroken CJK text)
+    is cut hard, which can change the tokens at that one cut.
+    """
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        lo, hi = start + piece_chars // 2, start + piece_chars
+        cut = _newline_cut(text, lo, hi) or _space_cut(text, lo, hi) or hi
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _newline_cut(text: str, lo: int, hi: int) -> int | None:
+    i = text.rfind("\n", lo, hi)
+    while i >= lo:
+        if i + 1 < len(text) and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", lo, i)
+    return None
+
+
+def _space_cut(text: str, lo: int, hi: int) -> int | None:
+    i = text.rfind(" ", lo, hi)
+    while i > lo:
+        if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+            return i
+        i = text.rfind(" ", lo, i)
+    return None
+
+
+def _encode(tokenizer, batch: list[str], batch_bytes: int) -> list[np.ndarray]:
+    """Original ids of every document of ``batch``; long documents go through in pieces so that
+    one call never holds more than about ``batch_bytes`` of text (memory stays bounded)."""
+    pieces, owner = [], []
+    for j, doc in enumerate(batch):
+        parts = split_long_document(doc, PIECE_CHARS) if len(doc) > PIECE_CHARS else [doc]
+        pieces += parts
+        owner += [j] * len(parts)
+    ids: list[list[np.ndarray]] = [[] for _ in batch]
+    start = 0
+    while start < len(pieces):
+        end, size = start, 0
+        while end < len(pieces) and (end == start or size + len(pieces[end]) <= batch_bytes):
+            size += len(pieces[end])
+            end += 1
+        try:
+            encodings = tokenizer.encode_batch(pieces[start:end], add_special_tokens=False)
+        except Exception as e:  # noqa: BLE001 - the tokenizer's own error, reported in one line
+            raise InputError(f"the tokenizer cannot encode this corpus: {_first_line(e)}",
+                             "use a tokenizer that encodes any text (a WordLevel model needs an unk_token)") from e
+        for k, e in zip(range(start, end), encodings):
+            ids[owner[k]].append(np.array(e.ids, dtype=np.int32))
+        start = end
+    return [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in ids]
+
+
 def _tokenized(spec, tokenizer, docs, stats, batch_size, batch_bytes, progress) -> Iterator[list[np.ndarray]]:
     limit = spec.max_tokens
     tokens = documents = nbytes = 0
     for batch in _batches(docs, batch_size, batch_bytes):
-        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
-        out = [np.array(e.ids, dtype=np.int32) for e in encodings]
+        out = _encode(tokenizer, batch, batch_bytes)
         done = False
         if limit is not None and tokens + sum(len(a) for a in out) >= limit:
             kept = []

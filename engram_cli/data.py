@@ -43,12 +43,12 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import atomic_write_json
+from engram_cli.artifacts import atomic_write_json, sha256_file, verify_hashes_default
 from engram_cli.errors import ArtifactError, ConfigError, InputError
 from engram_cli.progress import ProgressFn, report
 
 CACHE_FORMAT = "engram.token_cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 STREAM_FILE = "stream.npy"
 CACHE_META = "meta.json"
 
@@ -123,6 +123,9 @@ def load_or_build_token_cache(spec, tokenizer, vocab, cache_dir: str | os.PathLi
     corpus_fp = corpus_fp if corpus_fp is not None else corpus_fingerprint(spec)
     key = cache_key(corpus_fp, tokenizer.fingerprint, vocab.fingerprint, spec.max_tokens, eos_id)
     cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise InputError(f"token cache path {cache_dir} is a file, not a directory",
+                         "pass a directory as --cache-dir (it is created if missing)")
     entry = cache_dir / f"tokens-{key[:20]}"
     cached = _open_entry(entry, key)
     if cached is not None:
@@ -139,9 +142,12 @@ def _open_entry(entry: Path, key: str) -> TokenCache | None:
         stream = np.load(entry / STREAM_FILE, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, json.JSONDecodeError):
         return None  # a damaged entry is rebuilt, not trusted
-    if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION or meta.get("key") != key \
-            or stream.dtype != np.int32 or stream.ndim != 1 or stream.shape[0] != meta.get("tokens"):
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION \
+            or meta.get("key") != key or stream.dtype != np.int32 or stream.ndim != 1 \
+            or stream.shape[0] != meta.get("tokens"):
         return None
+    if verify_hashes_default() and sha256_file(entry / STREAM_FILE) != meta.get("stream_sha256"):
+        return None  # edited in place: rebuilt
     return TokenCache(path=entry, key=key, stream=stream, documents=int(meta["documents"]),
                       eos_id=int(meta["eos_id"]), hit=True, stats=meta.get("corpus_stats", {}))
 
@@ -170,6 +176,7 @@ def _build_entry(spec, tokenizer, entry: Path, key: str, eos_id: int, progress: 
         _raw_to_npy(raw, tmp / STREAM_FILE, n_tokens)
         raw.unlink()
         meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "tokens": n_tokens,
+                "stream_sha256": sha256_file(tmp / STREAM_FILE),
                 "documents": n_docs, "eos_id": eos_id, "tokenizer": tokenizer.fingerprint,
                 "corpus_stats": stats.to_dict()}
         atomic_write_json(tmp / CACHE_META, meta)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -261,3 +262,40 @@ def test_corpus_fingerprint(tmp_path):
     (moved / "a.txt").write_text("alpha!\n", encoding="utf-8")
     assert corpus_fingerprint(CorpusSpec([str(moved)]))["corpus_sha256"] != fp["corpus_sha256"]
     assert corpus_fingerprint(CorpusSpec(["hf:org/name"]))["hub"] == [{"name": "org/name", "config": None, "split": "train"}]
+
+
+def test_long_documents_are_tokenized_in_exact_pieces(tmp_path, deepseek, monkeypatch):
+    """A huge document goes through the tokenizer in pieces (bounded memory) with the same ids."""
+    import engram_cli.corpus as corpus
+
+    root = Path(__file__).resolve().parents[1] / "sample_data"
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted((root / "sotu").glob("*.txt"))[:3])
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "one_line.txt").write_text(text.replace("\n", " "), encoding="utf-8")
+    seen = []
+    real = deepseek.tokenizer
+
+    class Spy:
+        def encode_batch(self, texts, add_special_tokens=False):
+            seen.append(sum(map(len, texts)))
+            return real.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 3000)
+    for name in ("big.txt", "one_line.txt"):
+        seen.clear()
+        got = [a for b in iter_tokenized(CorpusSpec([str(tmp_path / name)]), Spy(), batch_bytes=10_000) for a in b]
+        doc = (tmp_path / name).read_text(encoding="utf-8")
+        assert len(got) == 1 and got[0].tolist() == real.encode(doc, add_special_tokens=False).ids
+        assert len(seen) > 5 and max(seen) <= 10_000  # never the whole document at once
+
+
+def test_a_tokenizer_that_cannot_encode_is_one_error(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tok = Tokenizer(WordLevel({"known": 0}))  # no unk_token: unknown words fail to encode
+    tok.pre_tokenizer = Whitespace()
+    (tmp_path / "a.txt").write_text("known unknown", encoding="utf-8")
+    with pytest.raises(InputError, match="tokenizer cannot encode this corpus.*unk_token"):
+        list(iter_tokenized(CorpusSpec([str(tmp_path)]), tok))

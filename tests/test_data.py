@@ -66,6 +66,26 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, deepseek, vocab, cache):
     assert not again.hit and again.stream.shape == cache.stream.shape
 
 
+def test_cache_edited_in_place_is_rebuilt(tmp_path, deepseek, vocab, cache):
+    """Same size, ids still in range: only the recorded sha256 tells; the entry is rebuilt."""
+    path = cache.path / "stream.npy"
+    original = np.array(cache.stream)
+    data = bytearray(path.read_bytes())
+    data[-8:-4] = np.array([5], dtype=np.int32).tobytes()  # one id changed
+    path.write_bytes(bytes(data))
+    spec = CorpusSpec(sources=sorted(str(p) for p in (tmp_path / "corpus").glob("*.txt")))
+    again = load_or_build_token_cache(spec, deepseek, vocab, tmp_path / "cache", eos_id=1)
+    assert not again.hit
+    np.testing.assert_array_equal(np.asarray(again.stream), original)
+
+
+def test_cache_dir_that_is_a_file_is_refused(tmp_path, deepseek, vocab):
+    (tmp_path / "f").write_text("x")
+    spec = CorpusSpec(sources=write_corpus(tmp_path / "corpus"))
+    with pytest.raises(InputError, match="is a file, not a directory"):
+        load_or_build_token_cache(spec, deepseek, vocab, tmp_path / "f", eos_id=1)
+
+
 def test_find_eos_id(deepseek):
     assert find_eos_id(deepseek.tokenizer) == 1
     assert find_eos_id(deepseek.tokenizer, "<｜begin▁of▁sentence｜>") == 0
