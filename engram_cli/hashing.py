@@ -329,7 +329,7 @@ def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_voca
     ``target_sizes`` defaults to ``5 * original_vocab_size`` for every order (the reference's
     ``engram_vocab_size``). Raises ConfigError for impossible values.
     """
-    def need(cond: bool, msg: str, hint: str | None = None) -> None:
+    def need(cond: bool, msg: str, hint: str = "see `engram build-tables --help` for the plan's options") -> None:
         if not cond:
             raise ConfigError(msg, hint)
 
@@ -343,9 +343,11 @@ def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_voca
     need(embed_dim_per_head >= 1, f"embedding dims per head must be at least 1, got {embed_dim_per_head}")
     layer_ids = tuple(int(x) for x in layer_ids)
     need(len(layer_ids) > 0, "no Engram layers given", "pass at least one layer id")
-    need(len(set(layer_ids)) == len(layer_ids), f"layer ids repeat: {list(layer_ids)}")
-    need(all(x >= 0 for x in layer_ids), f"layer ids must be non-negative: {list(layer_ids)}")
-    need(seed >= 0, f"seed must be non-negative, got {seed}")
+    need(len(set(layer_ids)) == len(layer_ids), f"layer ids repeat: {list(layer_ids)}",
+         f"list each layer once, e.g. --layers {','.join(str(x) for x in sorted(set(layer_ids)))}")
+    need(all(x >= 0 for x in layer_ids), f"layer ids must be non-negative: {list(layer_ids)}",
+         "Engram layers are block indices 0..n_layer-1, e.g. --layers 1,15")
+    need(0 <= seed < 2**63, f"seed must be in [0, 2^63), got {seed}", "e.g. --seed 0 (the reference)")
     n_orders = max_ngram_size - 1
     if target_sizes is None:
         target_sizes = (5 * original_vocab_size,) * n_orders
@@ -353,7 +355,8 @@ def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_voca
     need(len(target_sizes) == n_orders,
          f"need {n_orders} target sizes (orders 2..{max_ngram_size}), got {len(target_sizes)}")
     need(all(1 <= t <= MAX_TARGET_SIZE for t in target_sizes),
-         f"target table sizes must be in [1, 2^40], got {list(target_sizes)}")
+         f"target table sizes must be in [1, 2^40], got {list(target_sizes)}",
+         "size the tables with --target-size, --target-collision-rate or --memory-budget")
 
     return TablePlan(
         seed=int(seed), max_ngram_size=int(max_ngram_size), n_head_per_ngram=int(n_head_per_ngram),
