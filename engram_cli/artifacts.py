@@ -36,6 +36,7 @@ FORMATS: dict[str, tuple[int, str]] = {
     "engram.vocab": (1, "engram normalize-vocab"),
     "engram.tables": (1, "engram build-tables"),
     "engram.ngram_shard": (2, "engram build-tables --shard I/N"),
+    "engram.plan": (1, "engram build-tables --plan-only"),
     "engram.run": (1, "engram train"),
     "engram.gates": (1, "engram inspect-gates --corpus"),
 }

@@ -33,8 +33,7 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,8 +49,11 @@ MAX_LONG = 2**63 - 1      # np.iinfo(np.int64).max, the reference's bound for id
 LAYER_SEED_STRIDE = 10007  # the reference's per-layer seed offset: seed + 10007 * layer_id
 MAX_TARGET_SIZE = 2**40    # far beyond any table that fits in memory; keeps prime search sane
 
-#: bytes per table element for the dtypes memory figures are given in
-DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp8": 1}
+#: storage types of table rows that memory figures are given in: name -> (bytes per value,
+#: values per one-byte scale or 0 for none). "fp8-e4m3-ue8m0" is DeepSeek V4.1-Flash's: fp8 e4m3
+#: values with one ue8m0 (power-of-two) scale per 32 values, 264 bytes per 256-dim row.
+TABLE_DTYPES: dict[str, tuple[int, int]] = {"fp32": (4, 0), "bf16": (2, 0), "fp8": (1, 0),
+                                           "fp8-e4m3-ue8m0": (1, 32)}
 
 _CHUNK = 32768             # tokens per work chunk: amortizes ~60 NumPy calls; buffers stay in L3
 _MAX_AUTO_THREADS = 4      # default thread cap for hash_ngrams (memory bandwidth saturates)
@@ -141,7 +143,8 @@ class TablePlan:
     target_sizes: tuple[int, ...]  # requested slots per head, one per order n=2..N (primes are >= these)
     multipliers: dict[int, tuple[int, ...]]  # layer id -> N odd multipliers (m_k for the token k back)
     primes: dict[int, tuple[tuple[int, ...], ...]]  # layer id -> per order (n=2 first) -> head sizes
-    embed_dim_per_head: int = 32  # row width of each head's table: d_mem / n_head_per_ngram
+    embed_dim_per_head: int = 64  # row width of each head's table: d_mem / n_head_per_ngram (demo: 512 / 8)
+    preset: str | None = field(default=None, compare=False)  # the published configuration it follows, if any
 
     def __hash__(self) -> int:  # the dict fields are unhashable; hash their frozen contents
         return hash((self.seed, self.max_ngram_size, self.n_head_per_ngram, self.layer_ids, self.pad_id,
@@ -186,8 +189,8 @@ class TablePlan:
         return sum(self.total_slots(layer) for layer in self.layer_ids)
 
     def memory_bytes(self, dtype: str = "bf16") -> int:
-        """Bytes the tables of all layers take: total slots x embed_dim_per_head x bytes(dtype)."""
-        return self.total_slots_all * self.embed_dim_per_head * dtype_bytes(dtype)
+        """Bytes the tables of all layers take: total slots x :func:`row_bytes`."""
+        return self.total_slots_all * row_bytes(dtype, self.embed_dim_per_head)
 
     # ---- serialization
 
@@ -208,10 +211,11 @@ class TablePlan:
             "embed_dim_per_head": self.embed_dim_per_head,
             "multipliers": {str(k): list(v) for k, v in self.multipliers.items()},
             "primes": {str(k): [list(o) for o in v] for k, v in self.primes.items()},
+            **({"preset": self.preset} if self.preset is not None else {}),
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TablePlan":
+    def from_dict(cls, d: dict[str, Any]) -> TablePlan:
         """Rebuild a plan from :meth:`to_dict` output, checking everything (raises ArtifactError)."""
         return _plan_from_dict(d)
 
@@ -220,7 +224,7 @@ class TablePlan:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "TablePlan":
+    def load(cls, path: str | os.PathLike) -> TablePlan:
         """Read and validate a plan written by :meth:`save` (raises ArtifactError)."""
         from engram_cli.artifacts import read_json
 
@@ -228,11 +232,15 @@ class TablePlan:
         return _plan_from_dict(d, source=str(path))
 
 
-def dtype_bytes(dtype: str) -> int:
-    """Bytes per table element of ``dtype`` (a key of DTYPE_BYTES); the one check of a dtype name."""
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"unknown table dtype {dtype!r}", f"use one of {', '.join(DTYPE_BYTES)}, e.g. --dtype bf16")
-    return DTYPE_BYTES[dtype]
+def row_bytes(dtype: str, embed_dim_per_head: int) -> int:
+    """Bytes of one table row of ``embed_dim_per_head`` values stored as ``dtype`` (a key of
+    TABLE_DTYPES, scales included); the one check of a storage type's name."""
+    if dtype not in TABLE_DTYPES:
+        raise ConfigError(f"unknown table dtype {dtype!r}",
+                          f"use one of {', '.join(TABLE_DTYPES)}, e.g. --dtype bf16")
+    value_bytes, per_scale = TABLE_DTYPES[dtype]
+    scales = -(-embed_dim_per_head // per_scale) if per_scale else 0
+    return embed_dim_per_head * value_bytes + scales
 
 
 _PLAN_KEYS = ("format", "format_version", "seed", "max_ngram_size", "n_head_per_ngram", "layer_ids",
@@ -258,6 +266,8 @@ def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
 
     if not isinstance(d, dict):
         raise bad("expected a JSON object")
+    if "preset" in d and not isinstance(d["preset"], str):
+        raise bad(f"preset must be a name, got {d['preset']!r}")
     if d.get("format") != PLAN_FORMAT:
         raise bad(f"format is {d.get('format')!r}, expected {PLAN_FORMAT!r}")
     if d.get("format_version") != PLAN_VERSION:
@@ -265,7 +275,7 @@ def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
     missing = [k for k in _PLAN_KEYS if k not in d]
     if missing:
         raise bad(f"missing keys: {', '.join(missing)}")
-    unknown = sorted(set(d) - set(_PLAN_KEYS))
+    unknown = sorted(set(d) - set(_PLAN_KEYS) - {"preset"})
     if unknown:
         raise bad(f"unknown keys: {', '.join(unknown)}")
     for k in ("seed", "max_ngram_size", "n_head_per_ngram", "pad_id", "canonical_pad_id",
@@ -316,13 +326,14 @@ def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
                      layer_ids=tuple(layers), pad_id=d["pad_id"], canonical_pad_id=d["canonical_pad_id"],
                      canonical_vocab_size=vsize, original_vocab_size=d["original_vocab_size"],
                      target_sizes=tuple(targets), multipliers=multipliers, primes=primes,
-                     embed_dim_per_head=d["embed_dim_per_head"])
+                     embed_dim_per_head=d["embed_dim_per_head"],
+                     preset=d["preset"] if isinstance(d.get("preset"), str) else None)
 
 
 def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_vocab_size: int,
               pad_id: int = 2, layer_ids: tuple[int, ...] | list[int] = (1, 15), max_ngram_size: int = 3,
               n_head_per_ngram: int = 8, target_sizes: tuple[int, ...] | list[int] | None = None,
-              seed: int = 0, embed_dim_per_head: int = 32) -> TablePlan:
+              seed: int = 0, embed_dim_per_head: int = 64, preset: str | None = None) -> TablePlan:
     """Build a :class:`TablePlan` (defaults = the reference Engram configuration).
 
     ``canonical_pad_id`` is ``vocab_map[pad_id]``: the caller maps it, this module knows no vocab.
@@ -365,7 +376,7 @@ def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_voca
         target_sizes=target_sizes,
         multipliers=make_multipliers(canonical_vocab_size, layer_ids, max_ngram_size, seed),
         primes=make_primes(layer_ids, max_ngram_size, n_head_per_ngram, target_sizes),
-        embed_dim_per_head=int(embed_dim_per_head),
+        embed_dim_per_head=int(embed_dim_per_head), preset=preset,
     )
 
 
@@ -607,7 +618,7 @@ def target_size_for_memory_budget(budget_bytes: int, *, n_layers: int, n_orders:
                     ("embed_dim_per_head", embed_dim_per_head)):
         if v < 1:
             raise ConfigError(f"{name} must be at least 1, got {v}")
-    row_bytes = embed_dim_per_head * dtype_bytes(dtype)
+    row = row_bytes(dtype, embed_dim_per_head)
     n_tables = n_layers * n_orders * n_heads
 
     def plan_bytes(m: int) -> int:
@@ -616,14 +627,14 @@ def target_size_for_memory_budget(budget_bytes: int, *, n_layers: int, n_orders:
         for _ in range(n_tables):
             p = int(nextprime(p))
             total += p
-        return total * row_bytes
+        return total * row
 
     if budget_bytes < plan_bytes(1):
         raise ConfigError(
             f"a memory budget of {budget_bytes} bytes is too small for {n_tables} tables of "
-            f"{row_bytes}-byte rows", f"give at least {plan_bytes(1)} bytes")
-    # plan_bytes grows with m and plan_bytes(m) >= n_tables * m * row_bytes: bisect below that bound
-    lo, hi = 1, min(MAX_TARGET_SIZE, budget_bytes // (n_tables * row_bytes))
+            f"{row}-byte rows", f"give at least {plan_bytes(1)} bytes")
+    # plan_bytes grows with m and plan_bytes(m) >= n_tables * m * row: bisect below that bound
+    lo, hi = 1, min(MAX_TARGET_SIZE, budget_bytes // (n_tables * row))
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if plan_bytes(mid) <= budget_bytes:
@@ -634,7 +645,7 @@ def target_size_for_memory_budget(budget_bytes: int, *, n_layers: int, n_orders:
 
 
 __all__ = [
-    "PLAN_FORMAT", "PLAN_VERSION", "DTYPE_BYTES", "TablePlan", "make_multipliers", "make_primes",
-    "make_plan", "hash_ngrams", "hash_ngrams_reference", "dtype_bytes", "PLAN_FILE", "expected_colliding_share",
+    "PLAN_FORMAT", "PLAN_VERSION", "TABLE_DTYPES", "TablePlan", "make_multipliers", "make_primes",
+    "make_plan", "hash_ngrams", "hash_ngrams_reference", "row_bytes", "PLAN_FILE", "expected_colliding_share",
     "target_size_for_collision_rate", "target_size_for_memory_budget",
 ]

@@ -34,7 +34,7 @@ import numpy as np
 from engram_cli.artifacts import MANIFEST, artifact_dir, check_output_dir, read_manifest, sha256_file
 from engram_cli.corpus import CorpusSpec
 from engram_cli.errors import ArtifactError, ConfigError, InputError
-from engram_cli.hashing import PLAN_FILE, TablePlan, dtype_bytes
+from engram_cli.hashing import PLAN_FILE, TablePlan, row_bytes
 from engram_cli.progress import ProgressFn, report
 from engram_cli.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 from engram_cli.vocab import VocabMap, load_vocab
@@ -59,21 +59,32 @@ class BuildTablesConfig:
     corpus: CorpusSpec | None = None             # what to read (its shard: count 1/N, write counts only)
     from_shards: list[Path] = field(default_factory=list)  # merge these shard artifacts instead of reading
     tokenizer: str = DEFAULT_TOKENIZER           # must be the tokenizer the vocab was built from
-    max_ngram_size: int = 3                      # largest n-gram order (reference: 3)
-    layer_ids: tuple[int, ...] = (1, 15)         # Engram layers (reference: [1, 15])
-    n_head_per_ngram: int = 8                    # hash heads per order (reference: 8)
-    seed: int = 0                                # multiplier seed (reference: 0)
-    pad_id: int = 2                              # ORIGINAL id read before a sequence (reference: 2)
-    embed_dim_per_head: int = 32                 # row width of each head's table
-    target_size: int | None = None               # slots per head, every order (default 5 x vocab)
+    preset: str | None = None                    # a published configuration (engram_cli.presets)
+    plan_only: bool = False                      # plan and memory figures only: no corpus, no counting
+    # The plan options: None takes the preset's value (without a preset, the reference demo's, in
+    # brackets); a value given with a preset must agree with it (engram_cli.presets).
+    max_ngram_size: int | None = None            # largest n-gram order (3)
+    layer_ids: tuple[int, ...] | None = None     # Engram layers ((1, 15))
+    n_head_per_ngram: int | None = None          # hash heads per order (8)
+    seed: int | None = None                      # multiplier seed (0)
+    pad_id: int | None = None                    # ORIGINAL id read before a sequence (2)
+    embed_dim_per_head: int | None = None        # row width of each head's table (512 / 8 = 64)
+    target_size: int | None = None               # slots per head, every order (5 x the vocabulary)
+    dtype: str | None = None                     # row storage for memory figures/budget (bf16; hashing.TABLE_DTYPES)
     target_collision_rate: float | None = None   # size each order so uniform hashing collides this often
     memory_budget: int | None = None             # bytes for all tables, at `dtype`
-    dtype: str = "bf16"                          # element type for memory figures/budget (hashing.DTYPE_BYTES)
     top_ngrams: int = 20                         # most frequent n-grams listed per order in the report
     sweep: bool = False                          # measure collision rate vs table size and plot it
     spill_dir: Path | None = None                # where partial counts spill (default: a temp dir)
     batch_size: int = 1024                       # documents per tokenizer batch (see docs/corpus.md)
     force: bool = False
+
+    def __post_init__(self) -> None:
+        from engram_cli.presets import PLAN_OPTIONS, resolve_plan_options
+
+        given = {k: getattr(self, k) for k in PLAN_OPTIONS}
+        for key, value in resolve_plan_options(self.preset, given).items():
+            setattr(self, key, value)
 
     @property
     def shard(self) -> tuple[int, int] | None:
@@ -104,7 +115,7 @@ class TopNgram:
 @dataclass
 class BuildTablesResult:
     out: Path
-    kind: str                               # "tables" or "shard"
+    kind: str                               # "tables", "shard" or "plan" (--plan-only)
     documents: int
     tokens: int
     skipped_files: list[tuple[str, str]]
@@ -117,10 +128,12 @@ class BuildTablesResult:
     memory: dict[str, int] | None           # bytes of all tables per element type
     collisions: CollisionReport | None      # measured vs predicted, per layer/order/head
     sweep: list[dict] | None                # collision rate vs table size (--sweep)
+    published_rows: dict[int, dict[str, int]] = field(default_factory=dict)  # preset: plan vs published rows
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("kind", "documents", "tokens", "bad_records", "seconds",
                                            "tokens_per_second", "orders", "memory", "sweep")}
+        d["published_rows"] = {str(k): v for k, v in self.published_rows.items()}
         d["out"] = str(self.out)
         d["skipped_files"] = [list(x) for x in self.skipped_files]
         d["top"] = {str(n): [asdict(t) for t in rows] for n, rows in self.top.items()}
@@ -183,6 +196,10 @@ def _check_config(c: BuildTablesConfig) -> None:
 
     need(2 <= c.max_ngram_size <= 6, f"--max-ngram-size must be between 2 and 6, got {c.max_ngram_size}",
          "use --max-ngram-size 3 (the reference)")
+    if c.preset is not None and c.target_size is not None:
+        need(c.target_collision_rate is None and c.memory_budget is None,
+             f"--preset {c.preset} fixes the table size ({c.target_size:,} slots per head)",
+             "drop --target-collision-rate / --memory-budget, or drop --preset")
     sizing = [x is not None for x in (c.target_size, c.target_collision_rate, c.memory_budget)]
     need(sum(sizing) <= 1, "give at most one of --target-size, --target-collision-rate, --memory-budget",
          "pick one way to size the tables")
@@ -192,7 +209,13 @@ def _check_config(c: BuildTablesConfig) -> None:
          f"--target-collision-rate must be in (0, 1), got {c.target_collision_rate}", "e.g. --target-collision-rate 0.05")
     need(c.memory_budget is None or c.memory_budget > 0, f"--memory-budget must be positive, got {c.memory_budget}",
          "e.g. --memory-budget 2GB")
-    dtype_bytes(c.dtype)
+    row_bytes(c.dtype, c.embed_dim_per_head)
+    if c.plan_only:
+        need(c.corpus is None and not c.from_shards, "--plan-only reads no corpus, but one was given",
+             "drop the corpus (or --from-shards), or drop --plan-only to count it")
+        need(c.target_collision_rate is None, "--target-collision-rate needs the corpus's n-gram counts",
+             "size a --plan-only plan with --target-size or --memory-budget")
+        return
     need(c.corpus is None or c.corpus.shard is None or not c.from_shards,
          "--shard and --from-shards cannot be combined", "count shards first, then merge them")
     need((c.corpus is not None) != bool(c.from_shards),
@@ -410,6 +433,8 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
     if not 0 <= config.pad_id < vocab.original_vocab_size:
         raise ConfigError(f"--pad-id {config.pad_id} is outside the vocabulary (0..{vocab.original_vocab_size - 1})",
                           "pass an original token id, e.g. --pad-id 2 (DeepSeek's pad token)")
+    if config.plan_only:
+        return _plan_only(config, vocab, tok, t0)
     if config.memory_budget is not None and config.shard is None:
         _target_sizes(config, None, config.max_ngram_size - 1)  # an impossible budget fails before counting
     vocab_input = {"path": str(Path(config.vocab).resolve()), "sha256": vocab.fingerprint,
@@ -441,16 +466,12 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
                                  collisions=None, sweep=None, **common)
 
     from engram_cli.collisions import measure_collisions
-    from engram_cli.hashing import DTYPE_BYTES, make_plan
+    from engram_cli.hashing import TABLE_DTYPES
+    from engram_cli.presets import check_published_rows
 
-    n_orders = config.max_ngram_size - 1
-    plan = make_plan(canonical_vocab_size=vocab.canonical_vocab_size,
-                     canonical_pad_id=int(vocab.table[config.pad_id]),
-                     original_vocab_size=vocab.original_vocab_size, pad_id=config.pad_id,
-                     layer_ids=config.layer_ids, max_ngram_size=config.max_ngram_size,
-                     n_head_per_ngram=config.n_head_per_ngram, target_sizes=_target_sizes(config, ngrams, n_orders),
-                     seed=config.seed, embed_dim_per_head=config.embed_dim_per_head)
-    memory = {d: plan.memory_bytes(d) for d in DTYPE_BYTES}
+    plan = _make_plan(config, vocab, ngrams)
+    memory = {d: plan.memory_bytes(d) for d in TABLE_DTYPES}
+    published = check_published_rows(config.preset, {layer: plan.total_slots(layer) for layer in plan.layer_ids})
     by_order = {n: ngrams.ngrams[n] for n in range(2, config.max_ngram_size + 1)}
     counts = {n: ngrams.counts[n] for n in range(2, config.max_ngram_size + 1)}
     collisions = measure_collisions(by_order, counts, plan, progress=progress)
@@ -463,9 +484,44 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
         w.summary = {**summary, "orders": orders,
                      "plan": {"layer_ids": list(plan.layer_ids), "target_sizes": list(plan.target_sizes),
                               "total_slots": plan.total_slots_all, "memory_bytes": memory},
-                     "collisions": collisions.summary()}
+                     "collisions": collisions.summary(),
+                     "published_rows": {str(k): v for k, v in published.items()}}
     return BuildTablesResult(out=Path(config.out), kind="tables", top=top, plan=plan, memory=memory,
-                             collisions=collisions, sweep=sweep_rows, **common)
+                             collisions=collisions, sweep=sweep_rows, published_rows=published, **common)
+
+
+def _make_plan(config: BuildTablesConfig, vocab: VocabMap, ngrams) -> TablePlan:
+    from engram_cli.hashing import make_plan
+
+    return make_plan(canonical_vocab_size=vocab.canonical_vocab_size,
+                     canonical_pad_id=int(vocab.table[config.pad_id]),
+                     original_vocab_size=vocab.original_vocab_size, pad_id=config.pad_id,
+                     layer_ids=config.layer_ids, max_ngram_size=config.max_ngram_size,
+                     n_head_per_ngram=config.n_head_per_ngram,
+                     target_sizes=_target_sizes(config, ngrams, config.max_ngram_size - 1),
+                     seed=config.seed, embed_dim_per_head=config.embed_dim_per_head, preset=config.preset)
+
+
+def _plan_only(config: BuildTablesConfig, vocab: VocabMap, tok, t0: float) -> BuildTablesResult:
+    """``--plan-only``: the plan and its memory figures, written as an ``engram.plan`` artifact."""
+    from engram_cli.hashing import TABLE_DTYPES
+    from engram_cli.presets import check_published_rows
+
+    plan = _make_plan(config, vocab, None)
+    memory = {d: plan.memory_bytes(d) for d in TABLE_DTYPES}
+    published = check_published_rows(config.preset, {layer: plan.total_slots(layer) for layer in plan.layer_ids})
+    with artifact_dir(config.out, "engram.plan", force=config.force) as w:
+        plan.save(w.path(PLAN_FILE))
+        w.config = config.resolved()
+        w.inputs = {"tokenizer": tok.describe(), "vocab": {"path": str(Path(config.vocab).resolve()),
+                                                           "sha256": vocab.fingerprint}}
+        w.summary = {"preset": config.preset, "rows_per_layer": {str(k): plan.total_slots(k) for k in plan.layer_ids},
+                     "total_rows": plan.total_slots_all, "memory_bytes": memory, "storage_dtype": config.dtype,
+                     "published_rows": {str(k): v for k, v in published.items()}}
+    return BuildTablesResult(out=Path(config.out), kind="plan", documents=0, tokens=0, skipped_files=[],
+                             bad_records=0, seconds=time.perf_counter() - t0, tokens_per_second=0.0, orders=[],
+                             top={}, plan=plan, memory=memory, collisions=None, sweep=None,
+                             published_rows=published)
 
 
 def _write_reports(w, config: BuildTablesConfig, plan: TablePlan, by_order, counts, top, collisions,

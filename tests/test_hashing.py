@@ -246,7 +246,7 @@ def test_default_plan():
     assert offsets[0] == 0 and offsets[1] == sizes[0] and offsets[-1] == sum(sizes[:-1])
     assert plan.total_slots(1) == sum(sizes)
     assert plan.total_slots_all == plan.total_slots(1) + plan.total_slots(15)
-    assert plan.memory_bytes("bf16") == plan.total_slots_all * 32 * 2
+    assert plan.memory_bytes("bf16") == plan.total_slots_all * 64 * 2  # the demo: 512 dims over 8 heads
     assert plan.memory_bytes("fp32") == 2 * plan.memory_bytes("bf16") == 4 * plan.memory_bytes("fp8")
     with pytest.raises(ConfigError):
         plan.memory_bytes("int4")

@@ -57,16 +57,18 @@ def build_tables_command(
     max_tokens: MaxTokens = None,
     hf_split: HfSplit = "train",
     skip_bad_files: Annotated[bool, typer.Option("--skip-bad-files/--no-skip-bad-files", help="Skip unreadable or non-UTF-8 files with a counted warning, or refuse them.")] = True,
-    max_ngram_size: Annotated[int, typer.Option("--max-ngram-size", help="Largest n-gram order (reference: 3).")] = 3,
-    layers: Annotated[str, typer.Option("--layers", metavar="IDS", help="Engram layer ids, comma-separated (reference: 1,15).")] = "1,15",
-    n_head_per_ngram: Annotated[int, typer.Option("--heads-per-ngram", min=1, help="Hash heads per n-gram order (reference: 8).")] = 8,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Multiplier seed (reference: 0).")] = 0,
-    pad_id: Annotated[int, typer.Option("--pad-id", min=0, help="Original token id read before a sequence starts (reference: 2).")] = 2,
-    embed_dim_per_head: Annotated[int, typer.Option("--embed-dim-per-head", min=1, help="Row width of each head's table (d_mem / heads).")] = 32,
+    preset: Annotated[Optional[str], typer.Option("--preset", metavar="NAME", help="A configuration DeepSeek publishes: deepseek-v3-demo (the defaults) or deepseek-v4.1-flash; options given with it must agree.")] = None,
+    plan_only: Annotated[bool, typer.Option("--plan-only", help="Write the plan and its memory figures only: no corpus, nothing counted.")] = False,
+    max_ngram_size: Annotated[Optional[int], typer.Option("--max-ngram-size", help="Largest n-gram order (reference: 3).")] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", metavar="IDS", help="Engram layer ids, comma-separated (reference: 1,15).")] = None,
+    n_head_per_ngram: Annotated[Optional[int], typer.Option("--heads-per-ngram", min=1, help="Hash heads per n-gram order (reference: 8).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Multiplier seed (reference: 0).")] = None,
+    pad_id: Annotated[Optional[int], typer.Option("--pad-id", min=0, help="Original token id read before a sequence starts (reference: 2).")] = None,
+    embed_dim_per_head: Annotated[Optional[int], typer.Option("--embed-dim-per-head", min=1, help="Row width of each head's table (reference: 512 / 8 = 64).")] = None,
     target_size: Annotated[Optional[int], typer.Option("--target-size", help="Slots per head for every order (default: 5 x vocabulary size).")] = None,
     target_collision_rate: Annotated[Optional[float], typer.Option("--target-collision-rate", metavar="RATE", help="Size each order so uniform hashing leaves this share of distinct n-grams colliding.")] = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", metavar="SIZE", help="Total bytes for all tables at --dtype, e.g. 2GB.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Table element type for memory figures and --memory-budget: fp32, bf16 or fp8.")] = "bf16",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Row storage for --memory-budget: fp32, bf16 (default), fp8 or fp8-e4m3-ue8m0 (fp8 + one scale per 32 values).")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also measure collision rate against table size and plot it.")] = False,
     top_ngrams: Annotated[int, typer.Option("--top-ngrams", min=1, help="Most frequent n-grams listed per order.")] = 20,
     shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Count only documents with index % N == I; writes counts only.")] = None,
@@ -94,8 +96,9 @@ def build_tables_command(
                       hf_split=hf_split, skip_bad_files=skip_bad_files,
                       shard=parse_shard(shard) if shard else None) if sources else None
     config = BuildTablesConfig(
-        vocab=vocab, out=out, corpus=spec, from_shards=shards, tokenizer=tokenizer, max_ngram_size=max_ngram_size,
-        layer_ids=parse_layers(layers), n_head_per_ngram=n_head_per_ngram, seed=seed, pad_id=pad_id,
+        vocab=vocab, out=out, corpus=spec, from_shards=shards, tokenizer=tokenizer, preset=preset,
+        plan_only=plan_only, max_ngram_size=max_ngram_size,
+        layer_ids=parse_layers(layers) if layers is not None else None, n_head_per_ngram=n_head_per_ngram, seed=seed, pad_id=pad_id,
         embed_dim_per_head=embed_dim_per_head, target_size=target_size, target_collision_rate=target_collision_rate,
         memory_budget=parse_bytes(memory_budget) if memory_budget else None,
         dtype=dtype, top_ngrams=top_ngrams, sweep=sweep, spill_dir=spill_dir, force=force)
@@ -116,10 +119,24 @@ def _bytes(n: float) -> str:
 
 
 def render(result) -> None:
-    from rich.markup import escape
+    from engram_cli.commands.render import out
+
+    if result.kind != "plan":
+        render_corpus(result)
+    if result.kind == "shard":
+        out.print(f"[dim]wrote shard counts to[/] {result.out}/ [dim](merge with --from-shards)[/]")
+        return
+    render_top(result.top)
+    render_plan(result)
+    if result.collisions is not None:
+        render_collisions(result.collisions)
+    out.print(f"[dim]wrote[/] {result.out}/")
+
+
+def render_corpus(result) -> None:
     from rich.table import Table
 
-    from engram_cli.commands.render import err, out, show_token
+    from engram_cli.commands.render import err, out
 
     for path, why in result.skipped_files:
         err.print(f"[yellow]skipped[/] {path}: {why}")
@@ -135,10 +152,15 @@ def render(result) -> None:
         t.add_row(str(r["n"]), f"{r['total']:,}", f"{r['distinct']:,}", f"{coc['1']:,}", f"{coc['2']:,}", f"{mid:,}",
                   f"{coc['>10']:,}", f"{r['coverage_top100']:.1%}", f"{r['coverage_top10000']:.1%}")
     out.print(t)
-    if result.kind == "shard":
-        out.print(f"[dim]wrote shard counts to[/] {result.out}/ [dim](merge with --from-shards)[/]")
-        return
-    for n, rows in result.top.items():
+
+
+def render_top(top) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from engram_cli.commands.render import out, show_token
+
+    for n, rows in top.items():
         if n < 2 or not rows:
             continue
         tt = Table(title=f"Top {len(rows)} {n}-grams", title_justify="left")
@@ -150,23 +172,31 @@ def render(result) -> None:
             keys = " [dim]·[/] ".join(escape(show_token(k, 16)) for k in row.keys)
             tt.add_row(str(row.rank), f"{row.count:,}", f"{row.share:.2%}", keys)
         out.print(tt)
-    plan = result.plan.to_dict()
-    p = Table(title="Table plan", title_justify="left")
-    p.add_column("layer", justify="right")
-    p.add_column("n", justify="right")
-    p.add_column("target", justify="right")
-    p.add_column("head sizes (primes)")
-    p.add_column("multiplier m_0", justify="right")
-    for layer in plan["layer_ids"]:
-        for i, sizes in enumerate(plan["primes"][str(layer)]):
+
+
+def render_plan(result) -> None:
+    from rich.table import Table
+
+    from engram_cli.commands.render import out
+
+    plan = result.plan
+    title = "Table plan" + (f" (preset {plan.preset})" if plan.preset else "")
+    p = Table(title=title, title_justify="left")
+    for col in ("layer", "n", "target", "head sizes (primes)", "multiplier m_0", "rows"):
+        p.add_column(col, justify="left" if col.startswith("head") else "right")
+    for layer in plan.layer_ids:
+        for i, sizes in enumerate(plan.primes[layer]):
             shown = ", ".join(f"{s:,}" for s in sizes[:3]) + (f", … ({len(sizes)} heads)" if len(sizes) > 3 else "")
-            p.add_row(str(layer), str(i + 2), f"{plan['target_sizes'][i]:,}", shown,
-                      str(plan["multipliers"][str(layer)][0]) if i == 0 else "")
+            p.add_row(str(layer), str(i + 2), f"{plan.target_sizes[i]:,}", shown,
+                      str(plan.multipliers[layer][0]) if i == 0 else "", f"{sum(sizes):,}")
+        p.add_row(str(layer), "all", "", "", "", f"[bold]{plan.total_slots(layer):,}[/]")
     out.print(p)
+    for layer, rows in result.published_rows.items():
+        same = rows["plan"] == rows["published"]
+        out.print(f"layer {layer}: {rows['plan']:,} rows, published {rows['published']:,} "
+                  + ("[green]✓ exact[/]" if same else "[red]✗ differs[/]"))
     out.print("memory: " + "   ".join(f"{d} [bold]{_bytes(b)}[/]" for d, b in result.memory.items())
-              + f"   [dim]({plan['embed_dim_per_head']} dims per head)[/]")
-    render_collisions(result.collisions)
-    out.print(f"[dim]wrote[/] {result.out}/")
+              + f"   [dim]({plan.total_slots_all:,} rows of {plan.embed_dim_per_head} dims)[/]")
 
 
 def render_collisions(report) -> None:
