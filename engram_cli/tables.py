@@ -18,6 +18,8 @@ Artifact (``engram.tables``)::
     collisions.parquet      per layer/order/head: measured figures and uniform-hashing predictions
     slot_load.png           slot-load histogram (measured vs predicted)
     collision_sweep.png     collision rate vs table size (with --sweep; + collision_sweep.parquet)
+    hot_rows.parquet        per layer: share of lookups the K hottest rows serve (engram_cli.hotrows)
+    hot_rows.png            the same as a curve, with the cache sizes for 50/90/99%
     manifest.json
 """
 
@@ -41,6 +43,7 @@ from engram_cli.vocab import VocabMap, load_vocab
 
 if TYPE_CHECKING:
     from engram_cli.collisions import CollisionReport
+    from engram_cli.hotrows import HotRowCurve
 
 NGRAMS_DIR = "ngrams"
 TOP_FILE = "top_ngrams.parquet"
@@ -48,6 +51,8 @@ COLLISIONS_FILE = "collisions.parquet"
 SLOT_LOAD_PNG = "slot_load.png"
 SWEEP_PNG = "collision_sweep.png"
 SWEEP_FILE = "collision_sweep.parquet"
+HOT_ROWS_FILE = "hot_rows.parquet"
+HOT_ROWS_PNG = "hot_rows.png"
 
 
 @dataclass
@@ -129,11 +134,16 @@ class BuildTablesResult:
     collisions: CollisionReport | None      # measured vs predicted, per layer/order/head
     sweep: list[dict] | None                # collision rate vs table size (--sweep)
     published_rows: dict[int, dict[str, int]] = field(default_factory=dict)  # preset: plan vs published rows
+    hot_rows: list[HotRowCurve] = field(default_factory=list)  # per layer: lookups served by the K hottest rows
+    hot_row_lines: list[str] = field(default_factory=list)     # the curves in words, at the config's dtype
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("kind", "documents", "tokens", "bad_records", "seconds",
                                            "tokens_per_second", "orders", "memory", "sweep")}
         d["published_rows"] = {str(k): v for k, v in self.published_rows.items()}
+        d["hot_rows"] = [{"layer": c.layer, "rows": c.rows, "lookups": c.lookups, "used_rows": c.used_rows,
+                          "rows_for": {str(s): n for s, n in c.rows_for.items()}} for c in self.hot_rows]
+        d["hot_row_lines"] = self.hot_row_lines
         d["out"] = str(self.out)
         d["skipped_files"] = [list(x) for x in self.skipped_files]
         d["top"] = {str(n): [asdict(t) for t in rows] for n, rows in self.top.items()}
@@ -465,8 +475,12 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
         return BuildTablesResult(out=Path(config.out), kind="shard", top={}, plan=None, memory=None,
                                  collisions=None, sweep=None, **common)
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from engram_cli.collisions import measure_collisions
     from engram_cli.hashing import TABLE_DTYPES
+    from engram_cli.hotrows import cache_lines, hot_row_curves, plot_hot_rows
     from engram_cli.presets import check_published_rows
 
     plan = _make_plan(config, vocab, ngrams)
@@ -475,19 +489,25 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
     by_order = {n: ngrams.ngrams[n] for n in range(2, config.max_ngram_size + 1)}
     counts = {n: ngrams.counts[n] for n in range(2, config.max_ngram_size + 1)}
     collisions = measure_collisions(by_order, counts, plan, progress=progress)
+    hot = hot_row_curves(by_order, counts, plan, progress=progress)
+    hot_lines = cache_lines(hot, plan, config.dtype)
     top = top_ngrams(ngrams, vocab, config.max_ngram_size, config.top_ngrams)
     with artifact_dir(config.out, "engram.tables", force=config.force) as w:
         plan.save(w.path(PLAN_FILE))
         ngrams.save(w.path(NGRAMS_DIR))
         sweep_rows = _write_reports(w, config, plan, by_order, counts, top, collisions, progress)
+        pq.write_table(pa.Table.from_pylist([r for c in hot for r in c.to_rows()]), w.path(HOT_ROWS_FILE))
+        plot_hot_rows(hot, config.dtype, plan, w.path(HOT_ROWS_PNG))
         w.config, w.inputs = config.resolved(), inputs
         w.summary = {**summary, "orders": orders,
                      "plan": {"layer_ids": list(plan.layer_ids), "target_sizes": list(plan.target_sizes),
                               "total_slots": plan.total_slots_all, "memory_bytes": memory},
                      "collisions": collisions.summary(),
-                     "published_rows": {str(k): v for k, v in published.items()}}
+                     "published_rows": {str(k): v for k, v in published.items()},
+                     "hot_rows": hot_lines}
     return BuildTablesResult(out=Path(config.out), kind="tables", top=top, plan=plan, memory=memory,
-                             collisions=collisions, sweep=sweep_rows, published_rows=published, **common)
+                             collisions=collisions, sweep=sweep_rows, published_rows=published, hot_rows=hot,
+                             hot_row_lines=hot_lines, **common)
 
 
 def _make_plan(config: BuildTablesConfig, vocab: VocabMap, ngrams) -> TablePlan:

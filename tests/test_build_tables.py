@@ -26,7 +26,7 @@ runner = CliRunner()
 
 TABLE_FILES = {
     "manifest.json", "table_plan.json", "top_ngrams.parquet", "collisions.parquet", "slot_load.png",
-    "collision_sweep.png", "collision_sweep.parquet",
+    "collision_sweep.png", "collision_sweep.parquet", "hot_rows.parquet", "hot_rows.png",
     "ngrams/ngram_stats.json", "ngrams/ngrams_1.parquet", "ngrams/ngrams_2.parquet", "ngrams/ngrams_3.parquet",
 }
 

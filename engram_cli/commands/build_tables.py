@@ -130,6 +130,8 @@ def render(result) -> None:
     render_plan(result)
     if result.collisions is not None:
         render_collisions(result.collisions)
+    for line in result.hot_row_lines:
+        out.print(f"[bold]hot rows[/] {line}")
     out.print(f"[dim]wrote[/] {result.out}/")
 
 
