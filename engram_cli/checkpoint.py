@@ -27,7 +27,9 @@ touched, so for that optimizer 2-D state tensors are stored as the nonzero rows 
 smaller for a short run over big tables.
 
 Loading checks the format, every file's sha256 and that the safetensors parse; anything wrong is
-one :class:`~engram_cli.errors.ArtifactError` naming the checkpoint and the fix.
+one :class:`~engram_cli.errors.ArtifactError` naming the checkpoint and the fix. Readers of a run
+directory (inference, resume) go through :func:`engram_cli.runs.load_run`, which reads the
+checkpoint with :func:`read_checkpoint` and checks that it belongs to the run.
 """
 
 from __future__ import annotations
@@ -362,73 +364,3 @@ def read_checkpoint(run_dir: str | os.PathLike, step: int | None = None, verify:
         if name not in state.get("files", {}):
             raise ArtifactError(f"checkpoint {path} is incomplete: {name} is not recorded", _FIX)
     return Checkpoint(path=path, step=step, state=state)
-
-
-# ---------------------------------------------------------------------------------------------
-# a trained model for inference (inspect-gates)
-
-
-@dataclass
-class LoadedModel:
-    """A checkpoint's model in eval mode with what is needed to feed it text.
-
-    ``to_model_ids`` maps original tokenizer ids to the model's ids (UNK for ids outside its
-    sub-vocabulary); ``vocab`` maps original ids to the canonical ids the tables hash.
-    """
-
-    model: Any              # engram_cli.model.EngramModel, eval mode, on ``device``
-    step: int
-    run_dir: Path
-    checkpoint: Path
-    plan: Any | None        # TablePlan (None: pure-MoE baseline)
-    subvocab: Any           # engram_cli.data.SubVocab
-    tokenizer: Any          # engram_cli.tokenizer.LoadedTokenizer (fingerprint-checked)
-    vocab: Any              # engram_cli.vocab.VocabMap (fingerprint-checked)
-    config: dict[str, Any]  # the run's resolved configuration (config.json)
-
-    @property
-    def unk_id(self) -> int:
-        return self.subvocab.unk_id
-
-    def to_model_ids(self, ids: np.ndarray) -> np.ndarray:
-        return self.subvocab.to_model_ids(ids)
-
-
-def load_model(run_dir: str | os.PathLike, step: int | None = None, device: str = "cpu",
-               vocab_dir: str | os.PathLike | None = None) -> LoadedModel:
-    """Load the model of a run directory at ``step`` (default: latest) for inference.
-
-    The tokenizer and vocab map are found where the run recorded them (``vocab_dir`` overrides
-    the vocab's location) and must have the recorded fingerprints.
-    """
-    from engram_cli.artifacts import read_manifest
-    from engram_cli.data import SubVocab
-    from engram_cli.model import EngramModel, ModelConfig
-    from engram_cli.tokenizer import load_tokenizer
-    from engram_cli.vocab import load_vocab
-
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir, "engram.run")
-    ckpt = read_checkpoint(run_dir, step, verify=False)
-    plan = ckpt.plan()
-    model = EngramModel(ModelConfig(**ckpt.state["model_config"]), plan)
-    try:
-        model.load_state_dict(ckpt.model_state())
-    except RuntimeError as e:
-        raise ArtifactError(f"checkpoint {ckpt.path}: the weights do not fit its model config "
-                            f"({str(e).splitlines()[0][:80]})", _FIX) from e
-    model.to(device).eval()
-    inputs = manifest["inputs"]
-    tok = load_tokenizer(manifest["config"]["run"]["tokenizer"])
-    if tok.fingerprint != inputs["tokenizer"]["sha256"]:
-        raise ArtifactError(f"run {run_dir} was trained with another tokenizer than "
-                            f"{manifest['config']['run']['tokenizer']!r} is now (sha256 mismatch)",
-                            "restore the tokenizer file the run used")
-    vdir = Path(vocab_dir) if vocab_dir is not None else Path(inputs["vocab"]["path"])
-    vocab = load_vocab(vdir)
-    if vocab.fingerprint != inputs["vocab"]["sha256"]:
-        raise ArtifactError(f"run {run_dir} was trained with another vocab map than {vdir} (sha256 mismatch)",
-                            "pass the vocab directory the tables were built from")
-    subvocab = SubVocab(ckpt.subvocab_ids(), vocab.original_vocab_size)
-    return LoadedModel(model=model, step=ckpt.step, run_dir=run_dir, checkpoint=ckpt.path, plan=plan,
-                       subvocab=subvocab, tokenizer=tok, vocab=vocab, config=manifest["config"])

@@ -256,13 +256,24 @@ def reduce_keys_lexsort(keys: np.ndarray, counts: np.ndarray | None = None) -> t
     """Plain ``np.lexsort`` version of :func:`reduce_keys` (any number of words; the reference)."""
     if keys.shape[0] == 0:
         return keys.copy(), np.empty(0, dtype=np.int64)
+    order, starts = group_rows(keys)
+    c = np.ones(keys.shape[0], dtype=np.int64) if counts is None else counts[order]
+    return keys[order[starts]], np.add.reduceat(c, starts)
+
+
+def group_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Equal rows of ``keys`` (uint64 [K, W]) grouped: ``(order, starts)``.
+
+    ``order`` sorts the rows lexicographically and is stable, so within a group the rows keep
+    their input order: ``order[starts]`` are the first occurrences of the distinct rows (in
+    sorted order), and per-row values ``x`` are summed per group by
+    ``np.add.reduceat(x[order], starts)``.
+    """
     order = np.lexsort(keys.T[::-1])
     sk = keys[order]
     change = np.ones(sk.shape[0], dtype=bool)
     change[1:] = np.any(sk[1:] != sk[:-1], axis=1)
-    starts = np.flatnonzero(change)
-    c = np.ones(keys.shape[0], dtype=np.int64) if counts is None else counts[order]
-    return sk[starts], np.add.reduceat(c, starts)
+    return order, np.flatnonzero(change)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Token text made readable for tables, terminals and pictures (no heavy imports)."""
+"""Token text made readable for tables, terminals and pictures; which characters are CJK (no heavy imports)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,10 @@ def display_token(text: str, max_len: int = 12) -> str:
             parts.append(ch)
     s = "".join(parts)
     return s if len(s) <= max_len else s[: max_len - 1] + "…"
+
+
+def is_cjk(ch: str) -> bool:
+    """True for CJK ideographs, kana, hangul and CJK punctuation / full-width forms."""
+    cp = ord(ch)
+    return (0x2E80 <= cp <= 0x9FFF or 0xAC00 <= cp <= 0xD7AF or 0xF900 <= cp <= 0xFAFF
+            or 0xFE30 <= cp <= 0xFE4F or 0xFF00 <= cp <= 0xFFEF or 0x20000 <= cp <= 0x3FFFF)

@@ -18,7 +18,9 @@ import torch
 from typer.testing import CliRunner
 
 from engram_cli import gates as G
-from engram_cli.errors import ArtifactError, ConfigError, InputError
+from engram_cli import plotting
+from engram_cli.corpus import CorpusSpec
+from engram_cli.errors import ConfigError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
@@ -197,11 +199,13 @@ def test_hyper_connection_branches(run_hc2):
 
 
 def test_display_of_tokens():
-    assert G.display_token(" the") == "␣the" and G.display_token(".\n") == ".⏎" and G.display_token("\t") == "⇥"
-    assert G.display_token("") == "·" and G.display_token("\u200b") == "\\u200b"
+    from engram_cli.text import display_token
+
+    assert display_token(" the") == "␣the" and display_token(".\n") == ".⏎" and display_token("\t") == "⇥"
+    assert display_token("") == "·" and display_token("\u200b") == "\\u200b"
     assert G.token_texts("𠀀x", [(0, 1), (0, 1), (1, 2)]) == ["𠀀", "", "x"]
     assert G.readable_on(G.gate_rgb(0.0)) == "white" and G.readable_on(G.gate_rgb(1.0)) == "black"
-    assert G.gate_rgb(0.5) == G._hex_rgb(G.VIRIDIS_ANCHORS[5])
+    assert G.gate_rgb(0.5) == tuple(int(G.VIRIDIS_ANCHORS[5][i:i + 2], 16) for i in (1, 3, 5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +228,8 @@ def test_heatmap_png_and_svg(run, tmp_path):
     a, b, c = (_pixels(tmp_path / f"{k}.png") for k in "abc")
     T = len(one.tokens)
     # ~0.2 in per token at 200 dpi, plus margins and the colour bar
-    assert 0.2 * T * G.DPI < a.shape[1] < (0.2 * T + 2.5) * G.DPI and 0.5 * G.DPI < a.shape[0] < 3 * G.DPI
+    dpi = plotting.DPI
+    assert 0.2 * T * dpi < a.shape[1] < (0.2 * T + 2.5) * dpi and 0.5 * dpi < a.shape[0] < 3 * dpi
     assert b.shape[0] > a.shape[0] and b.shape[1] >= a.shape[1]  # two runs stacked
     assert c.shape[0] > 1.5 * a.shape[0] and c.shape[1] < a.shape[1]  # wrapped into rows
     for px in (a, b, c):
@@ -234,7 +239,7 @@ def test_heatmap_png_and_svg(run, tmp_path):
 
 
 def test_heatmap_without_a_cjk_font_warns_and_still_draws(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(G, "find_cjk_font", lambda: None)
+    monkeypatch.setattr(plotting, "find_cjk_font", lambda: None)
     warnings = G.plot_gate_heatmap([G.trace_text(run, TEXT)], tmp_path / "a.png", None)
     assert any("CJK" in w for w in warnings) and (tmp_path / "a.png").stat().st_size > 10_000
     assert G.plot_gate_heatmap([G.trace_text(run, "plain ascii")], tmp_path / "b.png", None) == []
@@ -250,8 +255,8 @@ def test_corpus_aggregates_equal_brute_force(run, run_dir, tmp_path):
     lines = open(SAMPLE / "sentences.txt", encoding="utf-8").read().splitlines()
     docs = lines[:6] + [" ".join(lines[6:10])]  # one document longer than block_size
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
-    res = G.inspect_gates(G.GateConfig(model=run_dir, sources=[str(tmp_path / "c.jsonl")], out=tmp_path / "g",
-                                       min_count=1, top=3, bins=10))
+    res = G.inspect_gates(G.InspectGatesConfig(model=run_dir, corpus=CorpusSpec([str(tmp_path / "c.jsonl")]),
+                                               out=tmp_path / "g", min_count=1, top=3, bins=10))
     # brute force: each document alone through one plain forward per block-sized window
     per_ngram = defaultdict(list)
     all_gates, by_id = [], defaultdict(list)
@@ -387,25 +392,12 @@ def test_error_tokenizer_fingerprint_changed(run_dir, tmp_path):
     one_red_line(invoke("-m", str(copy), "hello"), "another tokenizer")
 
 
-def test_error_plan_or_tokenizer_does_not_match_the_vocab(run):
-    from engram_cli.runs import check_vocab_fit
-
-    bad_plan = replace(run.plan, canonical_vocab_size=run.plan.canonical_vocab_size + 1)
-    with pytest.raises(ArtifactError, match="table plan is for"):
-        check_vocab_fit(run.name, bad_plan, run.tokenizer, run.vocab)
-    vocab = type("V", (), {**{k: getattr(run.vocab, k) for k in ("canonical_vocab_size", "original_vocab_size",
-                                                                  "table", "fingerprint")},
-                           "tokenizer_fingerprint": "f" * 64})()
-    with pytest.raises(ArtifactError, match="not the one its vocab map"):
-        check_vocab_fit(run.name, run.plan, run.tokenizer, vocab)
-
-
 def test_error_compare_needs_the_same_tokenizer(run, monkeypatch):
     other_tok = replace(run.tokenizer, fingerprint="e" * 64)
-    monkeypatch.setattr(G, "load_run_model", lambda d, step=None, device="cpu":
+    monkeypatch.setattr(G.report, "load_run_model", lambda d, step=None, device="cpu":
                         run if step != 9 else replace(run, tokenizer=other_tok))
     with pytest.raises(ConfigError, match="different tokenizers"):
-        G.inspect_gates(G.GateConfig(model=Path("x"), text="hi", compare_step=9))
+        G.inspect_gates(G.InspectGatesConfig(model=Path("x"), text="hi", compare_step=9))
 
 
 def test_error_conflicting_options(run_dir, tmp_path):
@@ -413,4 +405,4 @@ def test_error_conflicting_options(run_dir, tmp_path):
     one_red_line(invoke("-m", str(run_dir), "--corpus", CORPUS[1], "--compare-step", "1"), "--compare")
     one_red_line(invoke("-m", str(run_dir), "hi", "there"), "one TEXT", "quote")
     with pytest.raises(InputError, match="does not exist"):
-        G.inspect_gates(G.GateConfig(model=run_dir, text_file=tmp_path / "missing.txt"))
+        G.inspect_gates(G.InspectGatesConfig(model=run_dir, text_file=tmp_path / "missing.txt"))

@@ -84,6 +84,40 @@ def test_returned_gates_are_the_forward_pass_gates():
     assert torch.equal(out.logits, model(idx, canon).logits)
 
 
+@pytest.mark.parametrize("reference", [False, True])
+def test_engram_gate_equals_the_formula_by_hand(reference):
+    """alpha = sigmoid(sign(s) sqrt|s|), s = RMSNorm(h) . RMSNorm(W_K e) / sqrt(C), for every branch
+    (paper Section 2.3), computed here with plain tensor ops from the module's weights."""
+    hc, B, T = 2, 2, 16
+    plan = tiny_plan()
+    config = tiny_config(engram_hc_mult=hc, engram_reference_module=reference)
+    model = EngramModel(config, plan)
+    C = config.n_embd
+    eps = torch.finfo(torch.float32).eps if reference else config.norm_eps
+    g = torch.Generator().manual_seed(3)
+    _, canon = batch(B, T)
+    for layer, slots in model.engram_slots(canon).items():  # slots: (B, T, H)
+        engram = model.blocks[layer].engram
+        with torch.no_grad():  # random weights of order 1, so that s spans both signs and sizes
+            for p in engram.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 1.0))
+        h = torch.randn(B, T, hc, C, generator=g)
+        with torch.no_grad():
+            _, gate = engram(h, slots)  # (B, T, hc)
+            rows = engram.tables.embedding.weight
+            offsets = plan.head_offsets(layer)
+            e = torch.cat([rows[slots[..., j] + offsets[j]] for j in range(slots.shape[-1])], dim=-1)  # (B, T, H*D)
+            W_K, b_K = engram.key_proj.weight, engram.key_proj.bias  # (hc*C, H*D), (hc*C,) or None
+            for b in range(hc):
+                k = e @ W_K[b * C:(b + 1) * C].T + (b_K[b * C:(b + 1) * C] if b_K is not None else 0)  # (B, T, C)
+                hn = h[:, :, b] / torch.sqrt((h[:, :, b] ** 2).mean(-1, keepdim=True) + eps) * engram.query_norm.weight[b]
+                kn = k / torch.sqrt((k ** 2).mean(-1, keepdim=True) + eps) * engram.key_norm.weight[b]
+                s = (hn * kn).sum(-1) / C ** 0.5  # (B, T)
+                expected = torch.sigmoid(torch.sign(s) * torch.sqrt(torch.abs(s)))
+                assert s.abs().min() > 1e-4 and (s > 0).any() and (s < 0).any()
+                torch.testing.assert_close(gate[..., b], expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("hc,with_plan", [(1, True), (2, True), (1, False)])
 def test_causal(hc, with_plan):
     model = EngramModel(tiny_config(engram_hc_mult=hc), tiny_plan() if with_plan else None).eval()

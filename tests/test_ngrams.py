@@ -14,6 +14,7 @@ from engram_cli.ngrams import (
     NgramCounter,
     NgramStats,
     count_ngrams,
+    group_rows,
     merge_stats,
     order_by_count,
     reduce_keys,
@@ -116,6 +117,20 @@ def test_reduce_keys_other_widths_equal_lexsort_reference():
         for c in (None, counts):
             got, ref = reduce_keys(keys, c), reduce_keys_lexsort(keys, c)
             assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("words", [1, 2, 3])
+def test_group_rows_first_occurrences_and_sums(words):
+    rng = np.random.default_rng(words)
+    keys = rng.integers(0, 3, size=(400, words)).astype(np.uint64)
+    x = rng.random(400)
+    order, starts = group_rows(keys)
+    rows = [tuple(r) for r in keys.tolist()]
+    distinct = sorted(set(rows))
+    assert [rows[i] for i in order[starts]] == distinct  # sorted, one per distinct row
+    assert [int(i) for i in order[starts]] == [rows.index(r) for r in distinct]  # first occurrences
+    sums = np.add.reduceat(x[order], starts)
+    assert np.allclose(sums, [x[[i for i, r in enumerate(rows) if r == d]].sum() for d in distinct])
 
 
 def test_order_by_count_is_a_stable_descending_sort():

@@ -258,10 +258,10 @@ def test_cli_end_to_end_with_allocation(tmp_path, tables):
     read_manifest(out, "engram.run", verify_hashes=True)
 
     # the model loads back for inference with its sub-vocabulary and derived plan
-    from engram_cli.checkpoint import load_model
     from engram_cli.hashing import TablePlan
+    from engram_cli.runs import load_run
 
-    loaded = load_model(out)
+    loaded = load_run(out)
     assert loaded.step == 6 and loaded.plan == TablePlan.load(out / "table_plan.json")
     assert loaded.model.config.vocab_size == loaded.subvocab.size == result["data"]["model_vocab_size"]
 

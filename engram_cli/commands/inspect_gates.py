@@ -60,7 +60,8 @@ def inspect_gates_command(
     A text (argument, --file or stdin) is tokenized with the run's tokenizer and run through the trained model; the gate each Engram layer computed for each token is shaded in the terminal and, with --out, drawn as a heatmap (PNG + SVG). --compare / --compare-step put a second run or checkpoint beside it. With --corpus it aggregates over a corpus instead: the n-grams with the highest and lowest mean gate, a gate histogram per layer and the mean gate by token frequency.
     """
     from engram_cli.commands.render import RichProgress, print_json
-    from engram_cli.gates import GateConfig, inspect_gates
+    from engram_cli.corpus import CorpusSpec
+    from engram_cli.gates import InspectGatesConfig, inspect_gates
 
     sources = list(corpus or [])
     positional = list(args or [])
@@ -75,13 +76,12 @@ def inspect_gates_command(
         if text not in (None, "-"):
             raise ConfigError("both TEXT and --file were given", "pass one of them")
         text, file = _stdin(), None
-    if doc_mode not in ("file", "line"):
-        raise ConfigError(f"--doc-mode must be `file` or `line`, got {doc_mode!r}", "e.g. --doc-mode line")
-    config = GateConfig(
+    spec = CorpusSpec(sources=sources, text_column=text_column, doc_mode=doc_mode, max_tokens=max_tokens) \
+        if sources else None
+    config = InspectGatesConfig(
         model=model, text=text, text_file=Path(file) if file else None, step=step, compare=compare,
-        compare_step=compare_step, sources=sources, text_column=text_column, doc_mode=doc_mode,
-        max_tokens=max_tokens, out=out, force=force, csv=csv, parquet=parquet, wrap=wrap, overlap=overlap,
-        min_count=min_count, top=top, separator=separator, device=device)
+        compare_step=compare_step, corpus=spec, out=out, force=force, csv=csv, parquet=parquet, wrap=wrap,
+        overlap=overlap, min_count=min_count, top=top, separator=separator, device=device)
     with RichProgress(enabled=not quiet and not json_out, rate_key="tokens") as progress:
         result = inspect_gates(config, progress=progress)
     if json_out:
@@ -129,7 +129,7 @@ def _styled(value: float):
     from rich.color import Color
     from rich.style import Style
 
-    from engram_cli.gates import gate_rgb, readable_on
+    from engram_cli.gates.text import gate_rgb, readable_on
 
     rgb = gate_rgb(value)
     return Style(bgcolor=Color.from_rgb(*rgb), color=readable_on(rgb))
