@@ -38,7 +38,7 @@ FORMATS: dict[str, tuple[int, str]] = {
     "engram.ngram_shard": (2, "engram build-tables --shard I/N"),
     "engram.plan": (1, "engram build-tables --plan-only"),
     "engram.run": (1, "engram train"),
-    "engram.gates": (1, "engram inspect-gates --corpus"),
+    "engram.gates": (1, "engram inspect-gates --out DIR"),
 }
 
 
