@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +156,44 @@ def check_output_dir(out: str | os.PathLike, force: bool, fmt: str | None = None
         raise ArtifactError(f"{out} holds {what}; --force replaces only {wanted!r}",
                             "choose another --out (engram never deletes what it did not write)")
     return out
+
+
+def check_output_file(dest: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an output file that may not be written: an existing file without ``force``, a
+    directory, and — even with ``force`` — one of the command's ``inputs`` or a path inside an
+    input directory (an export must never destroy what it was computed from)."""
+    dest = Path(dest)
+    if dest.is_dir():
+        raise ArtifactError(f"output file {dest} is a directory", "pass a file name")
+    target = dest.resolve()
+    for src in inputs:
+        src_path = Path(src)
+        if not src_path.exists():
+            continue
+        if (dest.exists() and os.path.samefile(dest, src_path)) or target == src_path.resolve():
+            raise ArtifactError(f"{dest} is an input of this command; writing it would destroy it",
+                                "choose another output file")
+        if src_path.is_dir() and target.is_relative_to(src_path.resolve()):
+            raise ArtifactError(f"{dest} lies inside the input {src_path}; engram does not write into its inputs",
+                                "choose an output file outside it")
+    if dest.exists() and not force:
+        raise ArtifactError(f"output file {dest} already exists", "pass --force to replace it, or choose another name")
+    return dest
+
+
+@contextmanager
+def atomic_output(dest: str | os.PathLike) -> Iterator[Path]:
+    """A temp path beside ``dest`` to write to; renamed onto ``dest`` only when the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 @contextmanager

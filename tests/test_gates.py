@@ -22,6 +22,8 @@ from engram_cli import plotting
 from engram_cli.corpus import CorpusSpec
 from engram_cli.errors import ConfigError, InputError
 
+from cli_asserts import one_red_line
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
 CORPUS = [str(SAMPLE / "sotu" / "1941-roosevelt.txt"), str(SAMPLE / "sentences.txt")]
@@ -102,34 +104,10 @@ def direct_gates(run: G.LoadedRun, text: str) -> tuple[dict[int, torch.Tensor], 
     return {k: v[0] for k, v in out.gates.items()}, {k: v[0] for k, v in seen.items()}
 
 
-def cli():
-    """The `engram` app with inspect-gates (registered here until the command list has it)."""
-    from engram_cli.cli import app
-    from engram_cli.commands import COMMANDS, examples_epilog
-    from engram_cli.commands import inspect_gates as cmd
-
-    if not any(name == "inspect-gates" for name, _, _ in COMMANDS):
-        import typer
-
-        from engram_cli.cli import EngramGroup
-
-        app = typer.Typer(cls=EngramGroup, add_completion=False, pretty_exceptions_enable=False)
-        app.command("inspect-gates", epilog=examples_epilog(cmd.EXAMPLES))(cmd.inspect_gates_command)
-        app.command("_unused", hidden=True)(lambda: None)  # keep the command name in argv with 2 commands
-    return app
-
-
 def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(cli(), ["inspect-gates", *args], input=input)
+    from engram_cli.cli import app
 
-
-def one_red_line(r, *needles: str) -> str:
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.output, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+    return CliRunner().invoke(app, ["inspect-gates", *args], input=input)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +376,23 @@ def test_error_compare_needs_the_same_tokenizer(run, monkeypatch):
                         run if step != 9 else replace(run, tokenizer=other_tok))
     with pytest.raises(ConfigError, match="different tokenizers"):
         G.inspect_gates(G.InspectGatesConfig(model=Path("x"), text="hi", compare_step=9))
+
+
+def test_exports_never_overwrite_without_force_nor_an_input(run_dir, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Alexander the Great founded many cities.")
+    for flag in ("--csv", "--parquet"):
+        one_red_line(invoke("-m", str(run_dir), "-f", str(notes), flag, str(notes), "--force"),
+                     "is an input of this command")
+        one_red_line(invoke("-m", str(run_dir), "hi", flag, str(run_dir / "x.csv"), "--force"), "inside the input")
+    assert notes.read_text() == "Alexander the Great founded many cities."
+    (tmp_path / "old.csv").write_text("keep me")
+    one_red_line(invoke("-m", str(run_dir), "hi", "--csv", str(tmp_path / "old.csv")), "already exists", "--force")
+    assert (tmp_path / "old.csv").read_text() == "keep me"
+    r = invoke("-m", str(run_dir), "hi", "--csv", str(tmp_path / "old.csv"), "--force")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "old.csv").read_text().startswith('"run"')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "old.csv"]  # no temp files left
 
 
 def test_error_conflicting_options(run_dir, tmp_path):

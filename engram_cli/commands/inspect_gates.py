@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engram_cli.commands.options import DocMode, Force, Json, MaxTokens, Quiet, TextColumn
+from engram_cli.commands.options import DocMode, Json, MaxTokens, Quiet, TextColumn
 from engram_cli.errors import ConfigError, InputError
 
 EXAMPLES = [
@@ -51,7 +51,7 @@ def inspect_gates_command(
     overlap: Annotated[Optional[int], typer.Option("--overlap", min=0, help="Overlap of the windows a long text is cut into (default: half of block_size).")] = None,
     separator: Annotated[bool, typer.Option("--separator/--no-separator", help="Read the text after the run's document separator (EOS), as in training.")] = True,
     device: Annotated[str, typer.Option("--device", help="Torch device to run the model on.")] = "cpu",
-    force: Force = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out artifact or --csv/--parquet file (never an input).")] = False,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engram_cli.artifacts import artifact_dir, check_output_dir
+from engram_cli.artifacts import artifact_dir, atomic_output, check_output_dir, check_output_file
 from engram_cli.errors import ConfigError, InputError
 from engram_cli.gates.config import HEATMAP_PNG, HEATMAP_SVG, TOKENS_FILE, InspectGatesConfig, config_record, run_record
 from engram_cli.gates.corpus import CorpusGateResult, inspect_corpus
@@ -51,6 +51,10 @@ def inspect_gates(config: InspectGatesConfig, progress: ProgressFn | None = None
         raise InputError("the text is empty: there is nothing to inspect", "pass a non-empty TEXT, --file F or -")
     if config.out is not None:
         check_output_dir(config.out, config.force)  # before the model runs
+    export = config.csv if config.csv is not None else config.parquet
+    if export is not None:
+        inputs = [p for p in (config.text_file, config.model, config.compare) if p is not None]
+        check_output_file(export, config.force, inputs)
     t0 = time.perf_counter()
     runs = _load_runs(config)
     traces = [trace_text(r, text, separator=config.separator, overlap=config.overlap,
@@ -185,15 +189,15 @@ def _write_text_artifact(config: InspectGatesConfig, runs: list[LoadedRun], repo
 
 
 def _write_table(table, dest: Path, *, csv: bool) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if csv:
-            import pyarrow.csv as pcsv
+        with atomic_output(dest) as tmp:
+            if csv:
+                import pyarrow.csv as pcsv
 
-            pcsv.write_csv(table, dest)
-        else:
-            import pyarrow.parquet as pq
+                pcsv.write_csv(table, tmp)
+            else:
+                import pyarrow.parquet as pq
 
-            pq.write_table(table, dest)
+                pq.write_table(table, tmp)
     except OSError as e:
         raise InputError(f"cannot write {dest}: {e}", "check the path and permissions") from e
