@@ -88,10 +88,6 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path, tables):
 
 @pytest.mark.slow
 def test_engram_train_command_under_torchrun(tmp_path, tables):
-    from engram_cli.commands import COMMANDS
-
-    if not any(name == "train" for name, _, _ in COMMANDS):
-        pytest.skip("`engram train` is not registered in engram_cli.commands yet")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engram_cli",
            "train", *CORPUS, "--tables", str(tables), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
+from engram_cli.cli import app
 from engram_cli.errors import ArtifactError, ConfigError, InputError, TrainingError
-from engram_cli.train import (Settings, TrainConfig, TrainSettings, load_settings, lr_factor, make_optimizers,
-                              parse_set, train)
+from engram_cli.train import (
+    Settings,
+    TrainConfig,
+    TrainSettings,
+    load_settings,
+    lr_factor,
+    make_optimizers,
+    parse_set,
+    train,
+)
 
 from cli_asserts import one_red_line
 
@@ -52,22 +61,8 @@ def files(d: Path) -> set[str]:
     return {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
 
 
-def cli_app():
-    """The engram app when `train` is registered, else a group holding just `train`."""
-    from engram_cli.cli import EngramGroup, app
-    from engram_cli.commands import COMMANDS
-    from engram_cli.commands.train import train_command
-
-    if any(name == "train" for name, _, _ in COMMANDS):
-        return app
-    local = typer.Typer(cls=EngramGroup, add_completion=False, pretty_exceptions_enable=False)
-    local.callback()(lambda: None)
-    local.command("train")(train_command)
-    return local
-
-
 def invoke(*args: str):
-    return runner.invoke(cli_app(), ["train", *args])
+    return runner.invoke(app, ["train", *args])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +216,27 @@ def test_config_file_sets_and_errors(tmp_path):
         load_settings(tmp_path / "missing.toml")
 
 
+def test_settings_load_without_tomllib(monkeypatch):
+    """Python 3.10 has no tomllib: the config file and the --set values are read with tomli."""
+    import tomli
+
+    calls = []
+    loads = tomli.loads
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` fails, as on Python 3.10
+    monkeypatch.setattr(tomli, "loads", lambda text, **k: calls.append(text) or loads(text, **k))
+    s = load_settings(ROOT / "configs" / "tiny.toml", ["train.lr=1e-3", "data.eos_token=<|end|>"])
+    assert s.model.n_layer == 4 and s.train.lr == 1e-3 and s.data.eos_token == "<|end|>"
+    assert len(calls) == 3  # the file and both --set values (the second is not TOML: a bare string)
+
+
+def test_data_settings_build_the_corpus_spec():
+    d = load_settings(None, ["data.text_column=body", "data.doc_mode=line", "data.max_tokens=500"]).data
+    spec = d.corpus_spec(["a.txt", "b.jsonl"])
+    assert (spec.sources, spec.text_column, spec.doc_mode, spec.max_tokens) == (["a.txt", "b.jsonl"], "body", "line", 500)
+    with pytest.raises(ConfigError, match="data.doc_mode must be file or line, got 'bogus'"):
+        load_settings(None, ["data.doc_mode=bogus"])
+
+
 def test_run_config_json_reloads_as_config(tmp_path, tables):
     run(tmp_path / "run", tables, "train.steps=1")
     s = load_settings(tmp_path / "run" / "config.json")
@@ -304,6 +320,7 @@ def test_cli_resume_and_refusals(tmp_path, tables):
     (["--set", "model.n_head=3"], ["not divisible by n_head"]),
     (["--set", "model.n_layer=1"], ["outside the model's blocks"]),
     (["--set", "train.lrr=1"], ["unknown config key 'train.lrr'"]),
+    (["--set", "data.doc_mode=bogus"], ["data.doc_mode must be file or line"]),
     (["--device", "tpu"], ["--device must be auto, cpu or cuda"]),
 ])
 def test_cli_bad_input_one_line(tmp_path, tables, extra, needles):

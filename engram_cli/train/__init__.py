@@ -1,0 +1,60 @@
+"""``engram train``: train an Engram + MoE model on a corpus, with checkpoints, resume and data parallelism.
+
+One call of :func:`train` does the whole run:
+
+1. inputs: the tables artifact (its table plan, its vocab map and tokenizer, all
+   fingerprint-checked) and the corpus, tokenized once into a cached stream
+   (``engram_cli.data``), split into training and held-out chunks, with the model's compact
+   sub-vocabulary;
+2. the model: the base configuration from the config file; with ``allocation`` the routed
+   experts and the Engram tables share the base model's sparse budget
+   (``engram_cli.budget.allocate``, paper Section 3) and the derived plan is saved in the run;
+   without it the tables' plan is used as it is;
+3. optimization: AdamW for the dense parameters (weight decay on matrices only), SparseAdam for
+   the Engram tables at ``engram_lr_mult`` (5x) the learning rate and no weight decay (paper
+   Section 4 / Appendix A), linear warmup then cosine decay applied to both, dense-gradient
+   clipping; bf16 autocast on CUDA, float32 on CPU;
+4. bookkeeping: ``metrics.jsonl``, periodic evaluation, atomic checkpoints
+   (``engram_cli.checkpoint``), the run's ``manifest.json`` kept current; ``resume`` continues
+   bit-for-bit on the same device and process count;
+5. data parallel under ``torchrun``: every process draws the same global batch and takes a
+   disjoint slice; gradients are averaged by :func:`allreduce_gradients`. Only rank 0 writes
+   files and reports progress.
+
+The package, in dependency order:
+
+* ``settings.py``: the ``[model]``/``[train]``/``[data]`` configuration (:class:`TrainSettings`,
+  :class:`DataSettings`, :class:`Settings`), read from TOML and ``--set`` (:func:`load_settings`),
+  checked, and the learning-rate schedule (:func:`lr_factor`);
+* ``distributed.py``: the device and the process group (:class:`Dist`, :func:`resolve_device`,
+  :func:`init_distributed`, :func:`allreduce_gradients`, :func:`barrier`);
+* ``optim.py``: AdamW + SparseAdam (:func:`make_optimizers`) and the schedule applied to them;
+* ``run.py``: the run directory (``manifest.json``, ``config.json``, ``metrics.jsonl``);
+* ``trainer.py``: :func:`train`, :class:`TrainConfig`, :class:`TrainResult` and the
+  :class:`Trainer` whose named steps (setup, train_step, evaluate, save, finish) it runs.
+"""
+
+from engram_cli.train.distributed import Dist, allreduce_gradients, barrier, init_distributed, resolve_device
+from engram_cli.train.optim import apply_schedule, make_optimizers
+from engram_cli.train.run import CONFIG_FILE, CONFIG_FORMAT, METRICS_FILE
+from engram_cli.train.settings import (
+    RESUME_MUTABLE,
+    SECTIONS,
+    TRAINER_SET,
+    DataSettings,
+    Settings,
+    TrainSettings,
+    check_settings,
+    load_settings,
+    lr_factor,
+    parse_set,
+    toml_module,
+)
+from engram_cli.train.trainer import RunStart, StepStats, TrainConfig, Trainer, TrainResult, train
+
+__all__ = [
+    "CONFIG_FILE", "CONFIG_FORMAT", "METRICS_FILE", "RESUME_MUTABLE", "SECTIONS", "TRAINER_SET",
+    "DataSettings", "Dist", "RunStart", "Settings", "StepStats", "TrainConfig", "TrainResult", "TrainSettings",
+    "Trainer", "allreduce_gradients", "apply_schedule", "barrier", "check_settings", "init_distributed",
+    "load_settings", "lr_factor", "make_optimizers", "parse_set", "resolve_device", "toml_module", "train",
+]

@@ -1,0 +1,49 @@
+"""The two optimizers of an Engram model and the learning-rate schedule applied to them.
+
+AdamW updates the dense parameters (weight decay on matrices only); SparseAdam updates the Engram
+tables at ``engram_lr_mult`` (5x) the learning rate, without weight decay (paper Section 4 /
+Appendix A). Both follow :func:`~engram_cli.train.settings.lr_factor`: linear warmup, then cosine
+decay.
+"""
+
+from __future__ import annotations
+
+from engram_cli.train.settings import TrainSettings, lr_factor
+
+
+def make_optimizers(model, ts: TrainSettings) -> dict:
+    """``{"adamw": ..., "sparse_adam": ...}`` (the second only when the model has Engram tables).
+
+    AdamW takes the dense parameters in two groups: matrices (dim >= 2: linear, embedding,
+    expert and conv weights) with ``weight_decay``, vectors (norm gains) without. SparseAdam takes
+    the Engram tables at ``lr * engram_lr_mult`` and has no weight decay (the paper's setting;
+    decaying every row each step would also make the update dense). The trainer rescales every
+    group's ``lr`` with :func:`apply_schedule` before each step.
+    """
+    import torch
+
+    dense = model.dense_parameters()
+    betas = (ts.beta1, ts.beta2)
+    adamw = torch.optim.AdamW([{"params": [p for p in dense if p.dim() >= 2], "weight_decay": ts.weight_decay},
+                               {"params": [p for p in dense if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=ts.lr, betas=betas, eps=ts.eps)
+    optimizers = {"adamw": adamw}
+    tables = model.engram_table_parameters()
+    if tables:
+        optimizers["sparse_adam"] = torch.optim.SparseAdam(tables, lr=ts.lr * ts.engram_lr_mult, betas=betas, eps=ts.eps)
+    return optimizers
+
+
+def apply_schedule(optimizers: dict, ts: TrainSettings, step: int) -> dict[str, float | None]:
+    """Set every group's ``lr`` for the step with 0-based index ``step``; returns
+    ``{"lr": ..., "engram_lr": ...}`` as metrics.jsonl records them (``engram_lr`` None without tables)."""
+    f = lr_factor(step, ts)
+    lr = ts.lr * f
+    for g in optimizers["adamw"].param_groups:
+        g["lr"] = lr
+    engram_lr = None
+    if "sparse_adam" in optimizers:
+        engram_lr = ts.lr * ts.engram_lr_mult * f
+        for g in optimizers["sparse_adam"].param_groups:
+            g["lr"] = engram_lr
+    return {"lr": lr, "engram_lr": engram_lr}

@@ -1,0 +1,299 @@
+"""The training configuration: ``[model]``, ``[train]`` and ``[data]``, from TOML and ``--set``.
+
+A configuration is read in layers, each on top of the previous (:func:`load_settings`): the
+defaults (or a given base), a TOML file such as ``configs/tiny.toml`` (or a run's
+``config.json``), then ``--set key=value`` overrides. ``[model]`` is
+:class:`engram_cli.model.ModelConfig`; ``[train]`` is :class:`TrainSettings`; ``[data]`` is
+:class:`DataSettings`. Unknown sections or keys, wrong types and impossible values raise one-line
+:class:`~engram_cli.errors.ConfigError` s.
+
+TOML is parsed with the standard library's ``tomllib`` (Python 3.11+), else with its backport
+``tomli`` (a dependency on Python 3.10): :func:`toml_module` is the one place that chooses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from engram_cli.errors import ConfigError, InputError
+from engram_cli.model import ModelConfig
+
+if typing.TYPE_CHECKING:
+    from engram_cli.corpus import CorpusSpec
+
+
+def toml_module() -> types.ModuleType:
+    """``tomllib`` (Python >= 3.11), else the ``tomli`` backport it was taken from (same API:
+    ``loads``, ``load``, ``TOMLDecodeError``); pyproject.toml requires tomli on Python 3.10."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    return tomllib
+
+
+@dataclass
+class TrainSettings:
+    """The ``[train]`` section: optimization, schedule, evaluation and checkpointing."""
+
+    # seeds the weight init (torch), numpy/python RNGs and the batch sampler
+    seed: int = 0
+    # optimizer steps in the whole run (the cosine schedule ends here)
+    steps: int = 600
+    # sequences of model.block_size tokens per step, over all data-parallel processes together
+    batch_size: int = 16
+    # peak learning rate of the dense parameters (AdamW); tiny models tolerate ~3e-3 (nanoGPT's
+    # shakespeare-char uses 1e-3 at 10M parameters; ours are smaller)
+    lr: float = 3e-3
+    # learning rate multiplier of the Engram tables (SparseAdam): the paper uses 5x
+    engram_lr_mult: float = 5.0
+    # AdamW decoupled weight decay, applied to matrices (dim >= 2) only; never to the tables
+    weight_decay: float = 0.1
+    # Adam betas for both optimizers (0.9, 0.95: the usual LLM pretraining choice)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    # Adam epsilon for both optimizers (PyTorch default)
+    eps: float = 1e-8
+    # steps of linear warmup from lr/warmup_steps to lr
+    warmup_steps: int = 30
+    # cosine decay from lr to lr * min_lr_ratio at the last step (Chinchilla-style 10x)
+    min_lr_ratio: float = 0.1
+    # clip the global L2 norm of the dense gradients to this (0 = no clipping)
+    grad_clip: float = 1.0
+    # evaluate on the held-out windows every this many steps (and at the last step)
+    eval_interval: int = 100
+    # global validation batches per evaluation (each batch_size windows)
+    eval_batches: int = 8
+    # write a metrics.jsonl line every this many steps (evaluation steps always)
+    log_interval: int = 10
+    # save a checkpoint every this many steps (and at the last step)
+    checkpoint_interval: int = 200
+    # checkpoints kept on disk (the newest; the one latest.json names is never deleted)
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class DataSettings:
+    """The ``[data]`` section: reading the corpus, the held-out split and the sub-vocabulary.
+
+    ``text_column``, ``doc_mode`` and ``max_tokens`` are the corpus reading options of
+    :class:`engram_cli.corpus.CorpusSpec`; :meth:`corpus_spec` is the one place they go there.
+    """
+
+    # share of the token stream held out for validation (systematic chunks, engram_cli.data)
+    val_fraction: float = 0.05
+    # tokens per split chunk; must exceed model.block_size so validation windows fit
+    val_chunk_tokens: int = 1024
+    # training occurrences a token needs to get its own model id (rarer ones share UNK)
+    min_count: int = 2
+    # CorpusSpec.max_tokens: stop reading the corpus after this many tokens (None: all of it)
+    max_tokens: int | None = None
+    # CorpusSpec.text_column: field / column holding the text in JSONL, Parquet and datasets inputs
+    text_column: str = "text"
+    # CorpusSpec.doc_mode: .txt/.md inputs as "file" (one document each) or "line" (one per non-empty line)
+    doc_mode: str = "file"
+    # the document separator: a token string of the tokenizer, or "auto" (EOS by name)
+    eos_token: str = "auto"
+
+    def corpus_spec(self, sources: list[str]) -> CorpusSpec:
+        """What to read of ``sources`` with this section's reading options (CorpusSpec validates them)."""
+        from engram_cli.corpus import CorpusSpec
+
+        return CorpusSpec(sources=list(sources), text_column=self.text_column, doc_mode=self.doc_mode,
+                          max_tokens=self.max_tokens)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainSettings, "data": DataSettings}
+#: set by the trainer, never by a config file
+TRAINER_SET = {"model.vocab_size": "the model's vocabulary is the corpus's sub-vocabulary, sized by the trainer"}
+#: keys a resumed run may change (bookkeeping only; `steps` moves the end of the cosine schedule)
+RESUME_MUTABLE = {"train.steps", "train.eval_interval", "train.eval_batches", "train.log_interval",
+                  "train.checkpoint_interval", "train.keep_checkpoints"}
+
+
+@dataclass
+class Settings:
+    """The three configuration sections together."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """``{section: {key: value}}`` as config.json records it (without ``model.vocab_size``)."""
+        d = {name: asdict(getattr(self, name)) for name in SECTIONS}
+        d["model"].pop("vocab_size")
+        return d
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}``."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the field type (int, float, bool, str, optional int)."""
+    optional = False
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        optional, typ = True, args[0]
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be empty", f"give {key} a {typ.__name__} value")
+    ok = (isinstance(value, bool) if typ is bool else
+          isinstance(value, int) and not isinstance(value, bool) if typ is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if typ is float else
+          isinstance(value, typ))
+    if not ok:
+        raise ConfigError(f"{key} must be a {typ.__name__}, got {value!r}",
+                          f"e.g. --set {key}={ {int: '4', float: '0.001', bool: 'true', str: 'text'}.get(typ, '…') }")
+    return float(value) if typ is float else value
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, value); the value is read as a TOML value, else as a bare string."""
+    toml = toml_module()
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} is not of the form key=value", "e.g. --set train.lr=1e-3")
+    key, raw = (s.strip() for s in item.split("=", 1))
+    try:
+        value = toml.loads(f"v = {raw}")["v"]
+    except toml.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _resolve_key(key: str) -> tuple[str, str]:
+    """``section.name`` or a bare ``name`` that exactly one section has -> (section, name)."""
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {key!r}", "sections: model, train, data")
+        if name not in _field_types(SECTIONS[section]):
+            raise ConfigError(f"unknown config key {key!r}", f"see the keys of [{section}] in configs/tiny.toml")
+        return section, name
+    owners = [s for s, cls in SECTIONS.items() if key in _field_types(cls)]
+    if not owners:
+        raise ConfigError(f"unknown config key {key!r}", "see configs/tiny.toml for the keys of [model], [train], [data]")
+    if len(owners) > 1:
+        raise ConfigError(f"config key {key!r} is ambiguous ({', '.join(f'{s}.{key}' for s in owners)})",
+                          "prefix it with its section")
+    return owners[0], key
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """A TOML file, or a run's config.json without its ``format`` and ``run`` entries."""
+    toml = toml_module()
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist", "pass a TOML file such as configs/tiny.toml")
+    try:
+        if path.suffix == ".json":
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            return {k: v for k, v in doc.items() if k in SECTIONS or k not in ("format", "run")}
+        return toml.loads(path.read_text(encoding="utf-8"))
+    except (toml.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"config file {path} cannot be parsed: {str(e).splitlines()[0]}",
+                         "fix the syntax (TOML: key = value under [model], [train], [data])") from e
+
+
+def load_settings(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                  base: Settings | None = None) -> Settings:
+    """Settings from ``base`` (default: the defaults), then a TOML file (or a run's
+    ``config.json``), then ``--set key=value`` overrides, each on top of the previous.
+
+    Unknown sections or keys, wrong types and keys the trainer sets raise :class:`ConfigError`
+    (one line).
+    """
+    values: dict[str, dict[str, Any]] = base.to_dict() if base is not None else {s: {} for s in SECTIONS}
+    if path is not None:
+        path = Path(path)
+        for section, body in _read_config_file(path).items():
+            if section not in SECTIONS or not isinstance(body, dict):
+                raise ConfigError(f"{path}: unknown section [{section}]", "sections: [model], [train], [data]")
+            for name, value in body.items():
+                s, n = _resolve_key(f"{section}.{name}")
+                values[s][n] = value
+    for item in overrides:
+        key, value = parse_set(item)
+        s, n = _resolve_key(key)
+        values[s][n] = value
+    built = {}
+    for section, cls in SECTIONS.items():
+        types_ = _field_types(cls)
+        kwargs = {}
+        for name, value in values[section].items():
+            if f"{section}.{name}" in TRAINER_SET:
+                raise ConfigError(f"{section}.{name} cannot be set", TRAINER_SET[f"{section}.{name}"])
+            kwargs[name] = _coerce(f"{section}.{name}", value, types_[name])
+        built[section] = cls(**kwargs)
+    settings = Settings(**built)
+    check_settings(settings)
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# checking
+
+
+def check_settings(s: Settings) -> None:
+    """Impossible training/data values -> ConfigError (the model's are checked by ModelConfig.validate)."""
+    t, d = s.train, s.data
+
+    def need(ok: bool, msg: str, hint: str) -> None:
+        if not ok:
+            raise ConfigError(msg, hint)
+
+    for name in ("steps", "batch_size", "eval_interval", "eval_batches", "log_interval",
+                 "checkpoint_interval", "keep_checkpoints"):
+        need(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}", f"set train.{name} to a positive integer")
+    need(t.lr > 0 and math.isfinite(t.lr), f"train.lr must be positive, got {t.lr}", "e.g. --set train.lr=3e-3")
+    need(t.engram_lr_mult > 0, f"train.engram_lr_mult must be positive, got {t.engram_lr_mult}", "the paper uses 5")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}", "use 0 for none")
+    need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"Adam betas must be in [0, 1), got {t.beta1}, {t.beta2}", "e.g. 0.9 and 0.95")
+    need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}", "use 0 for no warmup")
+    need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}", "e.g. 0.1")
+    need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}", "use 0 for no clipping")
+    need(d.min_count >= 1, f"data.min_count must be >= 1, got {d.min_count}", "1 keeps every training token")
+    need(d.doc_mode in ("file", "line"), f"data.doc_mode must be file or line, got {d.doc_mode!r}", "e.g. --set data.doc_mode=line")
+    need(d.val_chunk_tokens > s.model.block_size,
+         f"data.val_chunk_tokens ({d.val_chunk_tokens}) must exceed model.block_size ({s.model.block_size})",
+         "raise data.val_chunk_tokens or lower model.block_size")
+    need(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}", "e.g. 0.05")
+
+
+def check_resume_settings(saved: dict, new: Settings, where: Path) -> None:
+    """A resumed run's settings may differ from the ``saved`` config.json only in RESUME_MUTABLE keys."""
+    old_flat = {f"{s}.{k}": v for s, sec in saved.items() if s in SECTIONS for k, v in sec.items()}
+    diffs = [f"{k} {old_flat.get(k)!r} → {v!r}" for k, v in new.flat().items()
+             if k not in RESUME_MUTABLE and old_flat.get(k) != v]
+    if diffs:
+        raise ConfigError(f"--resume with a different configuration than {where}: {'; '.join(diffs[:4])}"
+                          + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""),
+                          "resume without --config (the run's config.json is used; --set may change only "
+                          "steps and the eval/log/checkpoint intervals), or start over with --force")
+
+
+def lr_factor(step: int, t: TrainSettings) -> float:
+    """Multiplier of the peak learning rate for the step with 0-based index ``step``:
+    linear warmup over ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` at the last step."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    span = max(1, t.steps - 1 - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
