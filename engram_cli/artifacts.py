@@ -14,13 +14,14 @@ file is present, and names the command that produces the artifact when something
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ FORMATS: dict[str, tuple[int, str]] = {
     "engram.plan": (1, "engram build-tables --plan-only"),
     "engram.run": (1, "engram train"),
     "engram.gates": (1, "engram inspect-gates --out DIR"),
+    "engram.eval": (1, "engram eval --out DIR"),
 }
 
 
@@ -128,13 +130,9 @@ def _describe_contents(directory: Path) -> str:
     return shown
 
 
-def check_output_dir(out: str | os.PathLike, force: bool, fmt: str | None = None) -> Path:
-    """Refuse an output path that may not be written.
-
-    An existing non-empty directory needs ``force``, and ``force`` replaces only an engram
-    artifact of the same kind (``fmt``; any engram artifact when ``fmt`` is None): a directory
-    of other files, a symbolic link or a regular file is never replaced.
-    """
+def check_output_path(out: str | os.PathLike) -> Path:
+    """An output path engram can create: it has a name of its own, is no symbolic link, and no
+    existing ancestor of it is a file."""
     out = Path(out)
     if out.name in ("", ".", ".."):
         raise ArtifactError(f"output path {str(out)!r} names no directory of its own",
@@ -142,6 +140,36 @@ def check_output_dir(out: str | os.PathLike, force: bool, fmt: str | None = None
     if out.is_symlink():
         raise ArtifactError(f"output path {out} is a symbolic link; engram does not write through it",
                             f"pass the real path ({out.resolve()}) or another --out")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ArtifactError(f"output path {out} cannot be created: {parent} is a file, not a directory",
+                            "choose another --out path")
+    return out
+
+
+def holds_output_lock(out_of: Callable[[Any], str | os.PathLike | None]):
+    """Decorator of a library function ``f(config, ...)`` that writes ``out_of(config)``: the
+    function holds :func:`output_lock` on it for its whole run (None: it writes no output)."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(config, *args, **kwargs):
+            out = out_of(config)
+            if out is None:
+                return fn(config, *args, **kwargs)
+            with output_lock(out):
+                return fn(config, *args, **kwargs)
+        return wrapper
+    return decorate
+
+
+def check_output_dir(out: str | os.PathLike, force: bool, fmt: str | None = None) -> Path:
+    """Refuse an output path that may not be written.
+
+    An existing non-empty directory needs ``force``, and ``force`` replaces only an engram
+    artifact of the same kind (``fmt``; any engram artifact when ``fmt`` is None): a directory
+    of other files, a symbolic link or a regular file is never replaced.
+    """
+    out = check_output_path(out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output path {out} exists and is not a directory", "choose another --out path")
     if not out.exists() or not any(out.iterdir()):
@@ -205,7 +233,7 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
     it. A second writer gets an :class:`ArtifactError` naming that pid. Re-entrant within a
     process (a command that locks and then calls a library function that locks again).
     """
-    out = Path(out)
+    out = check_output_path(out)
     key = str(out.absolute())
     if key in _HELD:
         yield out
@@ -421,6 +449,10 @@ def read_manifest(directory: str | os.PathLike, fmt: str, *, verify_hashes: bool
         check_schema(meta, f"{directory}/{MANIFEST} entry {name!r}", {"bytes": int, "sha256": str}, fix)
         if not p.is_file():
             raise ArtifactError(f"{directory} is incomplete: {name} is missing", fix)
+        if meta.get("append_only") is True:  # a log (metrics.jsonl): it may only have grown
+            if p.stat().st_size < meta["bytes"]:
+                raise ArtifactError(f"{p} is shorter than when it was recorded (truncated)", fix)
+            continue
         if p.stat().st_size != meta["bytes"] or (verify and sha256_file(p) != meta["sha256"]):
-            raise ArtifactError(f"{p} was modified after it was written (size or sha256 mismatch)", fix)
+            raise ArtifactError(f"{p} is corrupt: modified after it was written (size or sha256 mismatch)", fix)
     return manifest

@@ -106,19 +106,21 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str = "cpu", with_model: bool = True,
-             *, verify: bool = True) -> LoadedRun:
+             *, verify: bool = True, vocab_dir: str | os.PathLike | None = None) -> LoadedRun:
     """Load and validate the run directory ``run_dir`` at checkpoint ``step`` (default: latest).
 
     See the module docstring for what is checked. ``with_model=False`` skips building the model
     (a resuming trainer builds its own); ``verify=False`` skips hashing the checkpoint's files
     (their presence and sizes are still checked), which readers of big runs may want.
+    ``vocab_dir`` finds the vocab artifact somewhere else than where the run recorded it (it must
+    still have the recorded sha256).
     """
     from engram_cli.checkpoint import read_checkpoint
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir, RUN_FORMAT)
     config = _read_config(run_dir)
-    tokenizer, vocab = _load_tokenizer_and_vocab(run_dir, manifest, config)
+    tokenizer, vocab = _load_tokenizer_and_vocab(run_dir, manifest, config, vocab_dir)
     ckpt = read_checkpoint(run_dir, step, verify=verify)
     _check_checkpoint_belongs(run_dir, ckpt, manifest, config)
     plan = ckpt.plan()
@@ -197,7 +199,7 @@ def _check_checkpoint_belongs(run_dir: Path, ckpt: Checkpoint, manifest: dict, c
                                 f"the run's own checkpoints (`ls {run_dir}/ckpt`)")
 
 
-def _load_tokenizer_and_vocab(run_dir: Path, manifest: dict, config: dict):
+def _load_tokenizer_and_vocab(run_dir: Path, manifest: dict, config: dict, vocab_dir: str | os.PathLike | None):
     """The run's tokenizer and vocab map, each checked once against the fingerprint the run recorded."""
     from engram_cli.tokenizer import load_tokenizer
     from engram_cli.vocab import load_vocab
@@ -208,7 +210,7 @@ def _load_tokenizer_and_vocab(run_dir: Path, manifest: dict, config: dict):
     if tokenizer.fingerprint != inputs["tokenizer"]["sha256"]:
         raise ArtifactError(f"run {run_dir} was trained with another tokenizer than {spec!r} is now "
                             "(sha256 mismatch)", "restore the tokenizer file the run used")
-    vocab_dir = Path(inputs["vocab"]["path"])
+    vocab_dir = Path(vocab_dir) if vocab_dir is not None else Path(inputs["vocab"]["path"])
     vocab = load_vocab(vocab_dir)
     if vocab.fingerprint != inputs["vocab"]["sha256"]:
         raise ArtifactError(f"run {run_dir} was trained with another vocab map than {vocab_dir} (sha256 mismatch)",

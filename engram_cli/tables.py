@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engram_cli.artifacts import MANIFEST, artifact_dir, check_output_dir, read_manifest, sha256_file
+from engram_cli.artifacts import MANIFEST, artifact_dir, check_output_dir, holds_output_lock, read_manifest, sha256_file
 from engram_cli.corpus import CorpusSpec
 from engram_cli.errors import ArtifactError, ConfigError, InputError
 from engram_cli.hashing import PLAN_FILE, TablePlan, row_bytes
@@ -197,6 +197,10 @@ def load_tables(directory: str | os.PathLike, vocab_dir: str | os.PathLike | Non
 
 # ---------------------------------------------------------------------------------------------
 # building
+
+
+def _output_format(c: BuildTablesConfig) -> str:
+    return "engram.plan" if c.plan_only else "engram.ngram_shard" if c.shard is not None else "engram.tables"
 
 
 def _check_config(c: BuildTablesConfig) -> None:
@@ -430,12 +434,13 @@ def _order_rows(ngrams, max_ngram_size: int) -> list[dict]:
     return rows
 
 
+@holds_output_lock(lambda config: config.out)
 def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) -> BuildTablesResult:
     """Count n-grams, plan the tables, measure collisions; write an ``engram.tables`` artifact
     (or an ``engram.ngram_shard`` artifact when ``config.corpus.shard`` is set)."""
     progress = report(progress)
     _check_config(config)
-    check_output_dir(config.out, config.force)
+    check_output_dir(config.out, config.force, _output_format(config))  # before the expensive part
     t0 = time.perf_counter()
     vocab = load_vocab(config.vocab)
     tok = load_tokenizer(config.tokenizer)
@@ -445,8 +450,10 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
                           "pass an original token id, e.g. --pad-id 2 (DeepSeek's pad token)")
     if config.plan_only:
         return _plan_only(config, vocab, tok, t0)
-    if config.memory_budget is not None and config.shard is None:
-        _target_sizes(config, None, config.max_ngram_size - 1)  # an impossible budget fails before counting
+    if config.shard is None:  # impossible plan options and budgets fail before counting
+        _check_plan_options(config, vocab)
+        if config.memory_budget is not None:
+            _target_sizes(config, None, config.max_ngram_size - 1)
     vocab_input = {"path": str(Path(config.vocab).resolve()), "sha256": vocab.fingerprint,
                    "canonical_vocab_size": vocab.canonical_vocab_size}
 
@@ -520,6 +527,17 @@ def _make_plan(config: BuildTablesConfig, vocab: VocabMap, ngrams) -> TablePlan:
                      n_head_per_ngram=config.n_head_per_ngram,
                      target_sizes=_target_sizes(config, ngrams, config.max_ngram_size - 1),
                      seed=config.seed, embed_dim_per_head=config.embed_dim_per_head, preset=config.preset)
+
+
+def _check_plan_options(config: BuildTablesConfig, vocab: VocabMap) -> None:
+    """Every plan option except the sizes, checked by make_plan itself on the smallest tables."""
+    from engram_cli.hashing import make_plan
+
+    make_plan(canonical_vocab_size=vocab.canonical_vocab_size, canonical_pad_id=int(vocab.table[config.pad_id]),
+              original_vocab_size=vocab.original_vocab_size, pad_id=config.pad_id, layer_ids=config.layer_ids,
+              max_ngram_size=config.max_ngram_size, n_head_per_ngram=config.n_head_per_ngram,
+              target_sizes=(1,) * (config.max_ngram_size - 1), seed=config.seed,
+              embed_dim_per_head=config.embed_dim_per_head)
 
 
 def _plan_only(config: BuildTablesConfig, vocab: VocabMap, tok, t0: float) -> BuildTablesResult:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import artifact_dir, read_manifest
+from engram_cli.artifacts import artifact_dir, holds_output_lock, read_manifest
 from engram_cli.errors import ArtifactError, InputError
 from engram_cli.progress import ProgressFn, report
 from engram_cli.tokenizer import DEFAULT_TOKENIZER, LoadedTokenizer, load_tokenizer
@@ -346,12 +346,13 @@ def step_ablation(texts, raw, steps: NormalizeSteps, original: int) -> list[Step
     return rows
 
 
+@holds_output_lock(lambda config: config.out)
 def normalize_vocab(config: NormalizeVocabConfig, progress: ProgressFn | None = None) -> NormalizeVocabResult:
     """Canonicalize a tokenizer's vocabulary and write an ``engram.vocab`` artifact."""
     progress = report(progress)
     from engram_cli.artifacts import check_output_dir
 
-    check_output_dir(config.out, config.force)  # fail before the expensive part
+    check_output_dir(config.out, config.force, "engram.vocab")  # fail before the expensive part
     tok = load_tokenizer(config.tokenizer)
     n_tasks = 3 + (len([s for s in STEPS if getattr(config.steps, s)]) if config.ablation else 0)
     progress("normalize", 0, n_tasks)

@@ -191,7 +191,7 @@ def inspect_corpus(config: InspectGatesConfig, progress: ProgressFn | None = Non
     if config.min_count < 1 or config.top < 1 or config.bins < 2:
         raise ConfigError("--min-count and --top must be >= 1 and --bins >= 2", "e.g. --min-count 5 --top 15")
     if config.out is not None:
-        check_output_dir(config.out, config.force)
+        check_output_dir(config.out, config.force, "engram.gates")
     t0 = time.perf_counter()
     run = load_run_model(config.model, config.step, config.device)
     labels = row_labels(run.layer_ids, run.hc_mult)

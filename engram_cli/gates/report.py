@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engram_cli.artifacts import artifact_dir, atomic_output, check_output_dir, check_output_file
+from engram_cli.artifacts import artifact_dir, atomic_output, check_output_dir, check_output_file, holds_output_lock
 from engram_cli.errors import ConfigError, InputError
 from engram_cli.gates.config import HEATMAP_PNG, HEATMAP_SVG, TOKENS_FILE, InspectGatesConfig, config_record, run_record
 from engram_cli.gates.corpus import CorpusGateResult, inspect_corpus
@@ -34,6 +34,7 @@ class GateReport:
                 "warnings": self.warnings, "out": self.out}
 
 
+@holds_output_lock(lambda config: config.out)
 def inspect_gates(config: InspectGatesConfig, progress: ProgressFn | None = None) -> GateReport | CorpusGateResult:
     """What ``engram inspect-gates`` does: text, compare or corpus mode, by the config.
 
@@ -50,7 +51,7 @@ def inspect_gates(config: InspectGatesConfig, progress: ProgressFn | None = None
     if not text.strip():
         raise InputError("the text is empty: there is nothing to inspect", "pass a non-empty TEXT, --file F or -")
     if config.out is not None:
-        check_output_dir(config.out, config.force)  # before the model runs
+        check_output_dir(config.out, config.force, "engram.gates")  # before the model runs
     export = config.csv if config.csv is not None else config.parquet
     if export is not None:
         inputs = [p for p in (config.text_file, config.model, config.compare) if p is not None]

@@ -140,6 +140,9 @@ class RunManifest:
                 files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             except OSError:  # pruned meanwhile
                 files.pop(rel)
+                continue
+            if rel == METRICS_FILE:  # a log that grows after this manifest is written
+                files[rel]["append_only"] = True
         return files
 
 

@@ -38,7 +38,6 @@ from engram_cli.train.run import (
     open_out,
     plan_record,
     prepare_out,
-    read_config_doc,
 )
 from engram_cli.train.settings import Settings, check_resume_settings, load_settings
 
@@ -144,11 +143,13 @@ def _new_run_request(config: TrainConfig) -> tuple[TrainConfig, Settings]:
 
 def _resumed_run_request(config: TrainConfig, out: Path):
     """The request completed with what the run recorded: its inputs, options and settings
-    (``--set`` may change only RESUME_MUTABLE keys), and its latest checkpoint."""
-    from engram_cli.checkpoint import read_checkpoint
+    (``--set`` may change only RESUME_MUTABLE keys), and its latest checkpoint, read through the
+    one run loader (``engram_cli.runs.load_run``: manifest, config, checkpoint files and hashes,
+    the checkpoint belongs to this run, tokenizer and vocab fingerprints)."""
+    from engram_cli.runs import load_run
 
-    saved = read_config_doc(out)
-    ckpt = read_checkpoint(out)  # validates files and hashes
+    loaded = load_run(out, with_model=False, vocab_dir=config.vocab)
+    saved, ckpt = loaded.config, loaded.checkpoint
     run = saved.get("run", {})
     config = dataclasses.replace(
         config, tables=config.tables or Path(run["tables"]), sources=config.sources or run["corpus"],
