@@ -351,7 +351,7 @@ def test_tables_of_another_tokenizer_are_refused(tmp_path, tables):
 def test_force_refuses_a_directory_that_is_not_a_run(tmp_path, tables):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    with pytest.raises(ArtifactError, match="not an engram run directory"):
+    with pytest.raises(ArtifactError, match="not an engram artifact.*--force replaces only .engram.run."):
         run(tmp_path / "precious", tables, force=True)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 

@@ -68,6 +68,10 @@ def train_command(
         result = train(cfg, progress=progress, on_start=render_start if show else None)
     if result.rank != 0:
         return
+    from engram_cli.commands.render import err
+
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
     if json_out:
         print_json(result.to_dict())
     else:

@@ -16,11 +16,19 @@ or, for ``metrics.jsonl``, line by line. Only rank 0 writes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from engram_cli.artifacts import MANIFEST, atomic_write_json, manifest_header, sha256_file
+from engram_cli.artifacts import (
+    MANIFEST,
+    atomic_write_json,
+    check_output_dir,
+    check_output_path,
+    manifest_header,
+    sha256_file,
+)
 from engram_cli.errors import ArtifactError
 from engram_cli.hashing import PLAN_FILE
 from engram_cli.runs import CONFIG_FILE, CONFIG_FORMAT, RUN_FORMAT, plan_fingerprint
@@ -29,7 +37,10 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def prepare_out(out: Path, resume: bool, force: bool) -> None:
-    """Refuse what must be refused before anything is written (every rank checks the same)."""
+    """Refuse what must be refused before anything is written (every rank checks the same):
+    the path rules of every output (``artifacts.check_output_path``); ``--force`` replaces only
+    an engram run; ``--resume`` needs one."""
+    check_output_path(out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"--out {out} exists and is not a directory", "choose another --out path")
     exists = out.is_dir() and any(out.iterdir())
@@ -40,31 +51,39 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
     if exists and not force:
         raise ArtifactError(f"run directory {out} already exists",
                             "continue it with --resume, replace it with --force, or choose another --out")
-    if exists and force:
-        m = out / MANIFEST
-        fmt = None
-        if m.is_file():
-            try:
-                fmt = json.loads(m.read_text(encoding="utf-8")).get("format")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                fmt = None
-        if fmt != RUN_FORMAT:
-            raise ArtifactError(f"{out} is not an engram run directory; --force will not delete it",
-                                "choose another --out")
+    check_output_dir(out, force, RUN_FORMAT)
 
 
-def open_out(out: Path, *, resume: bool, config_doc: dict, plan=None) -> None:
-    """Create (or, on a new run, replace) the run directory; write config.json and, when the run
-    derived its own plan, table_plan.json. Rank 0 only."""
+def open_out(out: Path, *, resume: bool, config_doc: dict, plan=None) -> Path:
+    """The directory the run writes to, with config.json and (when the run derived its own plan)
+    table_plan.json in it. Rank 0 only.
+
+    It is ``out`` itself, except when a new run replaces a previous one (``--force``): then it is
+    a hidden sibling (``.<name>.tmp-<pid>-run``) that :func:`commit_out` moves onto ``out`` at the
+    first checkpoint, so a new run that fails, is interrupted or killed before it has anything
+    to resume from leaves the previous run as it was.
+    """
     from engram_cli import checkpoint as ckpt_mod
 
-    if not resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_mod.remove_stale_temp(out)
-    atomic_write_json(out / CONFIG_FILE, config_doc)
+    work = out
+    if not resume and out.exists() and any(out.iterdir()):
+        work = out.with_name(f".{out.name}.tmp-{os.getpid()}-run")
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt_mod.remove_stale_temp(work)
+    atomic_write_json(work / CONFIG_FILE, config_doc)
     if plan is not None:
-        plan.save(out / PLAN_FILE)
+        plan.save(work / PLAN_FILE)
+    return work
+
+
+def commit_out(work: Path, out: Path) -> None:
+    """Put the new run in ``work`` in the place of the previous run at ``out`` (rank 0). A crash
+    between the two renames is undone by the next writer (``artifacts.recover_output``)."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_config_doc(out: Path) -> dict[str, Any]:
@@ -146,25 +165,47 @@ class RunManifest:
         return files
 
 
+def read_metrics(path: Path, until: int | None = None) -> tuple[list[dict], int]:
+    """The valid rows of a ``metrics.jsonl`` (up to step ``until``) and how many lines were
+    damaged (not a JSON object with an integer ``step``: a line cut by a crash, an edit). Damaged
+    lines are skipped, never the valid rows after them."""
+    rows, bad = [], 0
+    if not path.is_file():
+        return rows, 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and isinstance(row.get("step"), int)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            bad += 1
+        elif until is None or row["step"] <= until:
+            rows.append(row)
+    return rows, bad
+
+
+def atomic_write_json_lines(path: Path, rows: list[dict]) -> None:
+    from engram_cli.artifacts import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
 class MetricsWriter:
     """``metrics.jsonl``: appended line by line (rank 0); on resume cut back to the checkpoint step."""
 
     def __init__(self, path: Path, enabled: bool, keep_until: int | None):
         self.path, self.enabled = path, enabled
+        self.dropped = 0  # damaged lines left out on resume
         if not enabled:
             return
         if keep_until is None:
             self.path.write_text("", encoding="utf-8")
         else:
-            kept = []
-            if self.path.is_file():
-                for line in self.path.read_text(encoding="utf-8").splitlines():
-                    try:
-                        if json.loads(line)["step"] <= keep_until:
-                            kept.append(line)
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        break  # a line cut by a crash ends what can be trusted
-            self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            kept, self.dropped = read_metrics(self.path, keep_until)
+            atomic_write_json_lines(self.path, kept)
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:

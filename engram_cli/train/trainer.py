@@ -10,10 +10,12 @@ data), the model, the optimizers and the run directory. ``Trainer.fit`` then run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import random
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import MANIFEST, sha256_file
-from engram_cli.errors import ArtifactError, ConfigError, InputError, TrainingError
+from engram_cli.artifacts import MANIFEST, output_lock, sha256_file
+from engram_cli.errors import ArtifactError, ConfigError, InputError, Interrupted, TrainingError
 from engram_cli.progress import ProgressFn, report
 from engram_cli.train import distributed as dist_mod
 from engram_cli.train.distributed import Dist, autocast, barrier, init_distributed, resolve_device
@@ -34,6 +36,7 @@ from engram_cli.train.run import (
     METRICS_FILE,
     MetricsWriter,
     RunManifest,
+    commit_out,
     config_doc,
     open_out,
     plan_record,
@@ -99,6 +102,7 @@ class TrainResult:
     checkpoint: str | None            # the newest checkpoint
     rank: int = 0
     rank_checksums: list[float] | None = None  # data parallel: a weight checksum per rank (all equal)
+    warnings: list[str] = field(default_factory=list)  # what the run noticed and worked around
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -123,11 +127,12 @@ def train(config: TrainConfig, progress: ProgressFn | None = None,
     t_start = time.perf_counter()
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     d = init_distributed(device)
-    try:
-        trainer = Trainer.setup(config, device, d, report(progress) if d.main else report(None), t_start)
-        if on_start is not None and d.main:
-            on_start(trainer.run_start())
-        return trainer.fit()
+    try:  # rank 0 writes the run directory: it holds the output's lock while it runs
+        with output_lock(config.out) if d.main else contextlib.nullcontext():
+            trainer = Trainer.setup(config, device, d, report(progress) if d.main else report(None), t_start)
+            if on_start is not None and d.main:
+                on_start(trainer.run_start())
+            return trainer.fit()
     finally:
         dist_mod.shutdown(d)
 
@@ -197,6 +202,7 @@ class Trainer:
         self.out = Path(config.out)
         self.resumed = resumed  # engram_cli.checkpoint.Checkpoint to continue from, or None
         self.ts, self.ds = settings.train, settings.data
+        self.warnings: list[str] = []
 
     # ---- set-up
 
@@ -347,11 +353,15 @@ class Trainer:
                                      allocation=config.allocation, device=config.device, tokenizer=self.tok_spec,
                                      vocab=inputs["vocab"]["path"], cache_dir=self.cache_dir)
         barrier(d)
+        self.work = self.out  # where the run writes; a hidden sibling until --force's first checkpoint
         if d.main:
-            open_out(self.out, resume=config.resume, config_doc=self.config_doc,
-                     plan=self.plan if self.plan_source == "derived" else None)
-        self.metrics = MetricsWriter(self.out / METRICS_FILE, d.main, self.start_step if config.resume else None)
-        self.manifest = RunManifest(self.out, config=self.config_doc, inputs=inputs, plan=self.plan_info,
+            self.work = open_out(self.out, resume=config.resume, config_doc=self.config_doc,
+                                 plan=self.plan if self.plan_source == "derived" else None)
+        self.metrics = MetricsWriter(self.work / METRICS_FILE, d.main, self.start_step if config.resume else None)
+        if self.metrics.dropped:
+            self.warnings.append(f"{self.metrics.dropped} damaged line(s) of {METRICS_FILE} were left out; "
+                                 "the valid rows before and after them are kept")
+        self.manifest = RunManifest(self.work, config=self.config_doc, inputs=inputs, plan=self.plan_info,
                                     budget=self.budget, enabled=d.main)
 
     def run_start(self) -> RunStart:
@@ -367,7 +377,7 @@ class Trainer:
         self.manifest.write({"status": "training", "step": self.start_step, "data": self.data.summary()})
         self.model.train()
         self.tokens_per_step = ts.batch_size * self.model_config.block_size
-        self.last_good = _latest_step(self.out) if self.d.main else None
+        self.last_good = _latest_step(self.work) if self.d.main else None
         self.recent: deque[float] = deque(maxlen=20)
         self.val_loss = self.best_val = None
         if self.resumed is not None:
@@ -384,13 +394,35 @@ class Trainer:
                 stats = self.train_step(step_index)
                 self._after_step(self.step, stats)
         except TrainingError as e:
-            self.metrics.close()
-            self.manifest.write({"status": "failed", "error": e.message, "step": self.step,
-                                 "last_checkpoint": self.last_good, "data": self.data.summary()})
+            self._stopped("failed", {"error": e.message})
+            raise
+        except Interrupted as e:
+            self._stopped("interrupted", {"signal": e.signal_name})
+            e.message, e.hint = self._interrupted_line(e.signal_name)
             raise
         finally:
             self.metrics.close()
         return self.finish()
+
+    def _stopped(self, status: str, extra: dict) -> None:
+        """Record why the run stopped; a --force run without a checkpoint yet is discarded and the
+        previous run it was to replace stays as it was."""
+        self.metrics.close()
+        if self.work != self.out and self.d.main:
+            shutil.rmtree(self.work, ignore_errors=True)
+            return
+        self.manifest.write({"status": status, **extra, "step": self.step, "last_checkpoint": self.last_good,
+                             "data": self.data.summary()})
+
+    def _interrupted_line(self, signal_name: str) -> tuple[str, str]:
+        where = (f"latest checkpoint step {self.last_good}" if self.last_good is not None
+                 else "no checkpoint was written yet")
+        message = f"training interrupted by {signal_name} at step {self.step}; {where}"
+        if self.work != self.out:
+            return message, f"the previous run in {self.out} is unchanged; start over with --force"
+        if self.last_good is not None:
+            return message, f"continue with `engram train --out {self.out} --resume`"
+        return message, "start it over with --force"
 
     def train_step(self, step_index: int) -> StepStats:
         """One optimizer step on the global batch of ``step_index`` (this rank's slice of it)."""
@@ -488,10 +520,15 @@ class Trainer:
                      "data_position": {"sampler": "uniform-windows", "seed": ts.seed, "next_step": step,
                                        "train_windows": self.batches.train_windows, "batch_size": ts.batch_size},
                      "world_size": self.d.world_size, "metrics": last_metrics}
-            path = ckpt_mod.save_checkpoint(self.out, step, model=self.model, optimizers=self.optimizers,
+            path = ckpt_mod.save_checkpoint(self.work, step, model=self.model, optimizers=self.optimizers,
                                             sparse_optimizers=("sparse_adam",),
                                             subvocab_ids=self.data.subvocab.original_ids, plan=self.plan,
                                             state=state, keep=ts.keep_checkpoints, cuda=self.device.type == "cuda")
+            if self.work != self.out:  # the first checkpoint of a --force run: it replaces the old run now
+                commit_out(self.work, self.out)
+                path = self.out / path.relative_to(self.work)
+                self.work = self.manifest.out = self.out
+                self.metrics.path = self.out / METRICS_FILE
         barrier(self.d)
         return path
 
@@ -511,13 +548,14 @@ class Trainer:
             tokens_seen=ts.steps * tps, seconds=seconds,
             tokens_per_second=steps_done * tps / loop_seconds if steps_done and loop_seconds > 0 else 0.0,
             budget=self.budget, plan=self.plan_info, data=data.summary(), device=str(self.device),
-            world_size=d.world_size, checkpoint=self.last_ckpt_path, rank=d.rank, rank_checksums=checksums)
+            world_size=d.world_size, checkpoint=self.last_ckpt_path, rank=d.rank, rank_checksums=checksums,
+            warnings=list(self.warnings))
         summary = {k: v for k, v in result.to_dict().items() if k not in ("out", "budget", "plan", "rank")}
         self.manifest.write({"status": "finished", **summary})
         return result
 
     def _nan_error(self, what: str, step: int) -> None:
-        last = _latest_step(self.out)
+        last = _latest_step(self.work)
         where = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint was written yet"
         raise TrainingError(f"{what} became NaN/inf at step {step}; {where}",
                             f"lower the learning rate (now --set train.lr={self.ts.lr:g}) or raise warmup_steps, then "
