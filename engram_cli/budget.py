@@ -20,6 +20,7 @@ within a few percent (the returned counts say by how much). rho = 1 is the pure 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 from engram_cli.errors import ConfigError
@@ -148,3 +149,74 @@ def allocate(base: ModelConfig, plan: TablePlan | None, allocation: float) -> Al
         embed_dim_per_head=plan.embed_dim_per_head,
     )
     return Allocation(rho, config, new_plan, predict_param_counts(config, new_plan), sparse_budget, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory a training run needs (checked before anything is allocated)
+
+#: bytes per parameter while training in float32 with Adam: weight, gradient, two moments
+BYTES_PER_DENSE_PARAM = 16
+#: Engram table values: weight and SparseAdam's two full-size moments (the gradient is sparse)
+BYTES_PER_TABLE_VALUE = 12
+
+
+def activation_bytes_per_token(config: ModelConfig, plan: TablePlan | None) -> int:
+    """float32 activations one token keeps for the backward pass, summed over the layers (an
+    upper-bound estimate: every intermediate of attention, the MoE and Engram, and the logits)."""
+    C, T, hidden = config.n_embd, config.block_size, config.moe_expert_hidden
+    experts = config.moe_top_k + config.moe_num_shared_experts
+    per_layer = 16 * C + config.n_head * T + config.moe_num_experts + experts * 3 * hidden
+    engram = 0
+    if plan is not None:
+        d_mem = plan.total_heads * plan.embed_dim_per_head
+        engram = len(plan.layer_ids) * (2 * d_mem + 8 * config.engram_hc_mult * C)
+    logits = 3 * config.vocab_size  # logits, softmax, their gradient
+    return 4 * (config.n_layer * per_layer + engram + logits)
+
+
+def estimate_train_memory(config: ModelConfig, plan: TablePlan | None, batch_size: int,
+                          world_size: int = 1) -> dict[str, int]:
+    """Bytes one training process needs, by part: ``weights_and_optimizer`` (dense and expert
+    parameters with their gradients and Adam moments), ``tables`` (Engram tables with SparseAdam's
+    moments) and ``activations`` (this process's share of the batch); ``total`` adds them up."""
+    counts = predict_param_counts(config, plan)
+    tokens = -(-batch_size // world_size) * config.block_size
+    parts = {"weights_and_optimizer": (counts["total"] - counts["engram_tables"]) * BYTES_PER_DENSE_PARAM,
+             "tables": counts["engram_tables"] * BYTES_PER_TABLE_VALUE,
+             "activations": tokens * activation_bytes_per_token(config, plan)}
+    return {**parts, "total": sum(parts.values())}
+
+
+def available_memory(device: str = "cpu") -> int | None:
+    """Bytes a process can still allocate on ``device``: MemAvailable of /proc/meminfo on a CPU,
+    free device memory on CUDA; None when unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_train_memory(config: ModelConfig, plan: TablePlan | None, batch_size: int, world_size: int = 1,
+                       device: str = "cpu") -> dict[str, int]:
+    """Refuse (ConfigError, with the estimate) a run that cannot fit in the memory available."""
+    need = estimate_train_memory(config, plan, batch_size, world_size)
+    have = available_memory(device)
+    if have is not None and need["total"] > have:
+        gib = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
+        raise ConfigError(
+            f"this run needs about {gib(need['total'])} of memory (weights and optimizer "
+            f"{gib(need['weights_and_optimizer'])}, Engram tables {gib(need['tables'])}, activations of "
+            f"{batch_size} sequences {gib(need['activations'])}) but {device} has {gib(have)} available",
+            "lower train.batch_size, the model sizes or the table sizes")
+    return need

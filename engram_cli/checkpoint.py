@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from engram_cli import __version__
-from engram_cli.artifacts import atomic_write_json, sha256_file
+from engram_cli.artifacts import atomic_write_json, check_schema, inside, sha256_file
 from engram_cli.errors import ArtifactError
 
 CKPT_DIR = "ckpt"
@@ -64,6 +64,9 @@ PLAN_FILE = "table_plan.json"
 STATE_FILE = "state.json"
 
 _FIX = "resume from another checkpoint (delete this one), or start over with --force"
+#: what every state.json holds (and what loading and resuming read from it)
+_STATE_FIELDS = {"files": dict, "rng": dict, "model_config": dict, "fingerprints": dict, "config": dict,
+                 "metrics": dict}
 
 
 def step_dir_name(step: int) -> str:
@@ -353,8 +356,10 @@ def read_checkpoint(run_dir: str | os.PathLike, step: int | None = None, verify:
                             f"this engram reads {CKPT_VERSION}", "start the run over with --force")
     if state.get("step") != step:
         raise ArtifactError(f"checkpoint {path} records step {state.get('step')}, expected {step}", _FIX)
-    for name, meta in state.get("files", {}).items():
-        p = path / name
+    check_schema(state, f"checkpoint {path}/{STATE_FILE}", _STATE_FIELDS, _FIX)
+    for name, meta in state["files"].items():
+        p = inside(path, name)
+        check_schema(meta, f"checkpoint {path}/{STATE_FILE} entry {name!r}", {"bytes": int, "sha256": str}, _FIX)
         if not p.is_file():
             raise ArtifactError(f"checkpoint {path} is incomplete: {name} is missing", _FIX)
         if p.stat().st_size != meta.get("bytes") or (verify and sha256_file(p) != meta.get("sha256")):

@@ -27,6 +27,8 @@ k experts per token, N = B*T tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -318,11 +320,16 @@ class Engram(nn.Module):
     the paper's bias-free ``k_t = W_K e_t`` and the backbone's ``norm_eps`` (docs/model.md has
     the measured difference). The short conv starts at zero by default (``engram_conv_init``), so
     a fresh module adds only its gated value ``alpha_t * v_t`` to the residual stream.
+
+    ``knocked_out`` (False; set through :meth:`EngramModel.engram_knockout`) makes the module add
+    nothing: the paper's Section 6 ablation of the memory at inference. The gate is still computed
+    and returned. It is a plain attribute, not state: checkpoints never record it.
     """
 
     def __init__(self, config: ModelConfig, plan: TablePlan, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
+        self.knocked_out = False  # True: forward returns y = 0 (see EngramModel.engram_knockout)
         self.hc_mult = config.engram_hc_mult
         self.n_embd = config.n_embd
         self.tables = MultiHeadEmbedding(
@@ -354,6 +361,8 @@ class Engram(nn.Module):
         s = torch.sign(s) * s.abs().clamp_min(1e-6).sqrt()
         gate = torch.sigmoid(s)  # (B, T, hc) alpha_t
         v_gated = gate.unsqueeze(-1) * v.unsqueeze(2)  # (B, T, hc, C)
+        if self.knocked_out:  # the memory switched off: the residual stream gets nothing from it
+            return torch.zeros_like(v_gated), gate
         return v_gated + self.short_conv(v_gated), gate
 
 
@@ -483,6 +492,13 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", "use 0.0 to disable dropout")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive finite number, got {value}",
+                                  f"see the defaults of ModelConfig for {name}")
+        if not math.isfinite(self.moe_aux_loss_weight):
+            raise ConfigError(f"moe_aux_loss_weight must be finite, got {self.moe_aux_loss_weight}", "e.g. 0.01")
         if self.engram_conv_init not in ("zero", "default"):
             raise ConfigError(f"engram_conv_init must be zero or default, got {self.engram_conv_init!r}",
                               "use zero (the paper) or default (PyTorch's init)")
@@ -573,6 +589,28 @@ class EngramModel(nn.Module):
     @property
     def engram_layer_ids(self) -> tuple[int, ...]:
         return tuple(i for i, b in enumerate(self.blocks) if b.engram is not None)
+
+    @contextmanager
+    def engram_knockout(self) -> Iterator[EngramModel]:
+        """Inside this context every Engram module adds nothing to the residual stream.
+
+        The inference-time ablation of the paper's Section 6 (the memory removed from a model
+        trained with it): the backbone runs exactly as before, each Engram block's output is
+        zero. Gates are still returned with ``return_gates``. The previous setting of every
+        module is restored on exit, also after an exception; outside the context nothing changes.
+
+        >>> with model.engram_knockout():            # doctest: +SKIP
+        ...     out = model(idx, canonical_ids, targets)
+        """
+        engrams = [b.engram for b in self.blocks if b.engram is not None]
+        before = [e.knocked_out for e in engrams]
+        for e in engrams:
+            e.knocked_out = True
+        try:
+            yield self
+        finally:
+            for e, was in zip(engrams, before):
+                e.knocked_out = was
 
     def engram_table_parameters(self) -> list[nn.Parameter]:
         """The Engram embedding tables (sparse gradients: optimize with torch.optim.SparseAdam)."""

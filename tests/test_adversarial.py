@@ -22,9 +22,11 @@ runner = CliRunner()
 
 
 def tree_hash(path: Path) -> str:
-    """sha256 over every file's relative path and bytes below ``path`` (or of the file itself)."""
+    """sha256 over every file's relative path and bytes below ``path`` (or of the file itself);
+    the token cache (a ``cache`` directory, shared by runs by design) is left out."""
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                 and "cache" not in p.relative_to(path).parts)
     for p in files:
         h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
@@ -161,3 +163,70 @@ def test_tables_a_second_writer_is_refused(tmp_path, vocab_dir):
     assert p.returncode == 1 and "being written by another engram process" in p.stderr
     assert "Traceback" not in p.stderr and len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1
     assert not (tmp_path / "t").exists()
+
+
+# ---------------------------------------------------------------- train
+
+
+def train_args(tables: Path, out: Path, *sets: str) -> list[str]:
+    from test_train import CORPUS, SETS
+
+    return ["train", *CORPUS, "--tables", str(tables), "--out", str(out), "--cache-dir", str(out.parent / "cache"), "-q",
+            *[x for s in [*SETS, *sets] for x in ("--set", s)]]
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["train.eps=-1"], "train.eps must be positive"),
+    (["train.eps=nan"], "train.eps must be a finite number"),
+    (["train.engram_lr_mult=inf"], "train.engram_lr_mult must be a finite number"),
+    (["train.seed=100000000000000000000000"], "train.seed must be in [0, 2^32)"),
+    (["model.norm_eps=0"], "norm_eps must be a positive finite number"),
+    (["train.batch_size=1000000000"], "needs about"),
+    (["model.n_embd=1000000", "model.n_head=2"], "needs about"),
+])
+def test_train_impossible_settings(tmp_path, tiny_tables, sets, needle):
+    refused(tmp_path, train_args(tiny_tables, tmp_path / "run", *sets), needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_config_that_is_a_json_list(tmp_path, tiny_tables):
+    (tmp_path / "c.json").write_text("[1, 2]")
+    refused(tmp_path, [*train_args(tiny_tables, tmp_path / "run"), "--config", str(tmp_path / "c.json")],
+            "holds a JSON list")
+
+
+def test_train_force_over_a_symlinked_run(tmp_path, tiny_tables, user_dir):
+    (tmp_path / "link").symlink_to(user_dir)
+    refused(tmp_path, [*train_args(tiny_tables, tmp_path / "link"), "--force"], "symbolic link")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_tables) -> Path:
+    out = tmp_path_factory.mktemp("adv_run") / "run"
+    r = runner.invoke(app, train_args(tiny_tables, out))
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_resume_with_a_state_json_without_rng(tmp_path, finished_run):
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    state_path = next(run.glob("ckpt/step_*/state.json"))
+    state = json.loads(state_path.read_text())
+    del state["rng"]
+    state_path.write_text(json.dumps(state))
+    refused(tmp_path, ["train", "--out", str(run), "--resume", "--set", "train.steps=8"], "state.json is corrupt")
+    manifest = json.loads((run / "manifest.json").read_text())  # and when the manifest is edited to match
+    data = state_path.read_bytes()
+    manifest["files"][state_path.relative_to(run).as_posix()] = {"bytes": len(data),
+                                                                 "sha256": hashlib.sha256(data).hexdigest()}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    refused(tmp_path, ["train", "--out", str(run), "--resume", "--set", "train.steps=8"], "has no 'rng'")
+
+
+def test_inspect_gates_refuses_weights_flipped_in_place(tmp_path, finished_run):
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    weights = next(run.glob("ckpt/step_*/model.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # same size, one byte of a weight changed
+    weights.write_bytes(bytes(data))
+    refused(tmp_path, ["inspect-gates", "-m", str(run), "hello world"], "corrupt")

@@ -105,3 +105,19 @@ def test_allocation_below_one_needs_a_plan():
 def test_plan_layers_must_fit_the_base():
     with pytest.raises(ConfigError, match="outside the model's blocks"):
         allocate(tiny_base(), tiny_template(layer_ids=(1, 15)), 0.5)
+
+
+def test_memory_estimate_refuses_what_cannot_fit(monkeypatch):
+    from engram_cli import budget
+    from engram_cli.errors import ConfigError
+
+    cfg = ModelConfig(vocab_size=10_000)
+    need = budget.estimate_train_memory(cfg, None, batch_size=16)
+    assert need["total"] == need["weights_and_optimizer"] + need["tables"] + need["activations"]
+    assert need["weights_and_optimizer"] == 16 * budget.predict_param_counts(cfg, None)["total"]
+    big = budget.estimate_train_memory(cfg, None, batch_size=1_000_000_000)
+    assert big["activations"] > 10**15  # a billion sequences
+    monkeypatch.setattr(budget, "available_memory", lambda device="cpu": 24 * 2**30)
+    budget.check_train_memory(cfg, None, batch_size=16)
+    with pytest.raises(ConfigError, match=r"needs about .* GiB of memory .* activations of 1000000000 sequences"):
+        budget.check_train_memory(cfg, None, batch_size=1_000_000_000)

@@ -205,6 +205,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         if path.suffix == ".json":
             doc = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict):
+                raise InputError(f"config file {path} holds a JSON {type(doc).__name__}, not an object of sections",
+                                 "pass a TOML file such as configs/tiny.toml, or a run's config.json")
             return {k: v for k, v in doc.items() if k in SECTIONS or k not in ("format", "run")}
         return toml.loads(path.read_text(encoding="utf-8"))
     except (toml.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -262,6 +265,12 @@ def check_settings(s: Settings) -> None:
     for name in ("steps", "batch_size", "eval_interval", "eval_batches", "log_interval",
                  "checkpoint_interval", "keep_checkpoints"):
         need(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}", f"set train.{name} to a positive integer")
+    for name, value in [*((f"train.{f.name}", getattr(t, f.name)) for f in fields(t)),
+                        *((f"data.{f.name}", getattr(d, f.name)) for f in fields(d))]:
+        need(not isinstance(value, float) or math.isfinite(value), f"{name} must be a finite number, got {value}",
+             f"see configs/tiny.toml for a sensible {name}")
+    need(0 <= t.seed < 2**32, f"train.seed must be in [0, 2^32), got {t.seed}", "e.g. --set train.seed=0")
+    need(t.eps > 0, f"train.eps must be positive, got {t.eps}", "e.g. --set train.eps=1e-8 (PyTorch's default)")
     need(t.lr > 0 and math.isfinite(t.lr), f"train.lr must be positive, got {t.lr}", "e.g. --set train.lr=3e-3")
     need(t.engram_lr_mult > 0, f"train.engram_lr_mult must be positive, got {t.engram_lr_mult}", "the paper uses 5")
     need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}", "use 0 for none")

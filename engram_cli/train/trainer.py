@@ -282,7 +282,7 @@ class Trainer:
         the seeded model and its parameter budget."""
         import torch
 
-        from engram_cli.budget import allocate
+        from engram_cli.budget import allocate, check_train_memory
         from engram_cli.data import Batches
         from engram_cli.model import EngramModel, param_counts
 
@@ -296,6 +296,8 @@ class Trainer:
         else:
             self.model_config, self.plan, self.plan_source = base, self.tables.plan, "tables"
         self.plan_info = plan_record(self.plan, self.plan_source, config.allocation)
+        # a run that cannot fit fails here, with the estimate, before anything big is allocated
+        check_train_memory(self.model_config, self.plan, ts.batch_size, d.world_size, self.device.type)
 
         # batches before anything is written: too small a corpus fails here
         self.batches = Batches(self.data, block_size=self.model_config.block_size, batch_size=ts.batch_size,
