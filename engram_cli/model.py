@@ -443,10 +443,10 @@ class ModelConfig:
     # init of that conv's weights: "zero" (the paper: the module starts as an identity-preserving
     # addition of its gated value) or "default" (PyTorch's kaiming-uniform; measured to make
     # training worse by 0.3-0.5 nats on a 1M-token corpus, docs/training.md).
-    engram_conv_init: str = "default"
+    engram_conv_init: str = "zero"
     # build W_K/W_V with biases and the gate norms with the dtype's epsilon, as DeepSeek's
     # reference Engram module does (True); False: no biases, norm_eps (docs/model.md).
-    engram_reference_module: bool = False
+    engram_reference_module: bool = True
     # dropout on embeddings, attention and residual outputs (0 for small-data pretraining, nanoGPT).
     dropout: float = 0.0
     # RMSNorm epsilon (1e-5 as in LLaMA).
