@@ -133,6 +133,14 @@ def load_or_build_token_cache(spec, tokenizer, vocab, cache_dir: str | os.PathLi
     return _build_entry(spec, tokenizer, entry, key, eos_id, progress)
 
 
+def find_token_cache(cache_dir: str | os.PathLike, key: str) -> TokenCache | None:
+    """The intact cache entry for ``key`` (see :func:`cache_key`) under ``cache_dir``, or None;
+    never tokenizes. Readers of a finished run (``engram eval``) find its exact training stream
+    this way without needing the corpus files."""
+    cache_dir = Path(cache_dir)
+    return _open_entry(cache_dir / f"tokens-{key[:20]}", key) if cache_dir.is_dir() else None
+
+
 def _open_entry(entry: Path, key: str) -> TokenCache | None:
     meta_path = entry / CACHE_META
     if not meta_path.is_file():

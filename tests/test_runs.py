@@ -14,33 +14,17 @@ import pytest
 from engram_cli.errors import ArtifactError
 from engram_cli.runs import LoadedRun, check_vocab_fit, load_run, plan_fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = sorted(str(p) for p in (ROOT / "sample_data" / "sotu").glob("*.txt"))[:2]
-#: a model small enough that a step takes milliseconds; 3000 tokens of two speeches
-SETS = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.moe_num_experts=4",
-        "model.moe_expert_hidden=32", "train.steps=2", "train.batch_size=4", "train.eval_interval=2",
-        "train.eval_batches=1", "train.checkpoint_interval=1", "train.warmup_steps=1", "data.max_tokens=3000",
-        "data.val_chunk_tokens=128", "data.min_count=1"]
-
-
-def _train(out: Path, tables: Path, *extra: str) -> Path:
-    from engram_cli.train import TrainConfig, train
-
-    train(TrainConfig(out=out, tables=tables, sources=CORPUS, overrides=[*SETS, *extra],
-                      cache_dir=out.parent / "cache"))
-    return out
-
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_tables) -> Path:
+def run_dir(tmp_path_factory, train_tiny_run) -> Path:
     """A 2-step run with Engram at block 1; checkpoints at steps 1 and 2."""
-    return _train(tmp_path_factory.mktemp("runs") / "run", tiny_tables)
+    return train_tiny_run(tmp_path_factory.mktemp("runs") / "run")
 
 
 @pytest.fixture(scope="module")
-def other_run_dir(tmp_path_factory, tiny_tables) -> Path:
+def other_run_dir(tmp_path_factory, train_tiny_run) -> Path:
     """Another run on the same inputs, with another seed."""
-    return _train(tmp_path_factory.mktemp("runs") / "other", tiny_tables, "train.seed=1", "train.steps=1")
+    return train_tiny_run(tmp_path_factory.mktemp("runs") / "other", "train.seed=1", "train.steps=1")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ Each command module defines ``EXAMPLES``: (command line, what it does) pairs sho
 from types import ModuleType
 
 from engram_cli.commands import build_tables, inspect_gates, normalize_vocab, train
+from engram_cli.commands import eval as eval_
 
 #: (command name, module, function) in pipeline order
 COMMANDS: list[tuple[str, ModuleType, object]] = [
@@ -18,6 +19,7 @@ COMMANDS: list[tuple[str, ModuleType, object]] = [
     ("build-tables", build_tables, build_tables.build_tables_command),
     ("train", train, train.train_command),
     ("inspect-gates", inspect_gates, inspect_gates.inspect_gates_command),
+    ("eval", eval_, eval_.eval_command),
 ]
 
 

@@ -1,0 +1,297 @@
+""":func:`evaluate`, the one library call behind ``engram eval``: load and check the runs, score
+each on its text (with the memory on and, with a knockout, off), bucket the tokens, summarize,
+and write the ``engram.eval`` artifact when asked."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engram_cli.artifacts import artifact_dir, check_output_dir
+from engram_cli.errors import ConfigError
+from engram_cli.eval import buckets as B
+from engram_cli.eval import texts as X
+from engram_cli.eval.config import (
+    BUCKETS_FILE,
+    COUNT_BUCKETS,
+    DEFAULT_BUCKET_N,
+    FILES,
+    FORMAT,
+    KIND_ALL,
+    KIND_COUNT,
+    KIND_SCRIPT,
+    KNOCKOUTS,
+    PLOT_PNG,
+    PLOT_SVG,
+    SCRIPT_BUCKETS,
+    EvalConfig,
+    config_record,
+)
+from engram_cli.eval.losses import bits_per_byte, mean_ci95, token_losses, window_sums
+from engram_cli.ngrams import MAX_ORDER
+from engram_cli.progress import ProgressFn, report
+from engram_cli.runs import LoadedRun
+
+
+@dataclass
+class BucketLoss:
+    """Mean loss of the tokens of one bucket (NaN losses for an empty bucket)."""
+
+    kind: str                          # "all", "count" or "script"
+    bucket: str                        # e.g. "unseen", "≥100", "CJK"
+    tokens: int
+    loss: float                        # nats per token
+    knockout_loss: float | None        # nats per token with every Engram module switched off
+    delta: float | None                # knockout_loss - loss: what the memory is worth here
+    delta_ci95: tuple[float, float] | None = None  # paired over the windows (their tokens of this bucket)
+
+
+@dataclass
+class RunEval:
+    """One run scored on one text."""
+
+    model: str                         # run name (directory name)
+    run_dir: str
+    step: int
+    engram_layers: list[int]           # empty: a pure-MoE run
+    text: str                          # "held-out" or "corpus"
+    tokens: int                        # targets scored
+    windows: int                       # windows of block_size they were scored in
+    block_size: int
+    bytes: int                         # UTF-8 bytes of the scored targets' text
+    unknown_tokens: int                # targets outside the run's sub-vocabulary (scored as UNK)
+    train_tokens: int                  # tokens of the training split the counts come from
+    bucket_n: int                      # order of the n-gram the count buckets are keyed on
+    loss: float                        # nats per token
+    loss_ci95: tuple[float, float]
+    bits_per_byte: float
+    knockout_loss: float | None = None
+    knockout_ci95: tuple[float, float] | None = None
+    knockout_bits_per_byte: float | None = None
+    delta: float | None = None         # knockout_loss - loss
+    delta_ci95: tuple[float, float] | None = None  # paired over the same windows
+    buckets: list[BucketLoss] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} (step {self.step})"
+
+    def bucket(self, kind: str, name: str) -> BucketLoss:
+        return next(b for b in self.buckets if b.kind == kind and b.bucket == name)
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` returns."""
+
+    text: str                          # "held-out" or "corpus"
+    bucket_n: int
+    knockout: str | None
+    runs: list[RunEval]
+    corpus: dict[str, Any] | None = None   # reading figures of the corpus (corpus mode)
+    seconds: float = 0.0
+    out: str | None = None
+    files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types; NaN (an empty bucket, an interval of one window) becomes None."""
+        d = asdict(self)
+        for r, run in zip(d["runs"], self.runs):
+            r["label"] = run.label
+        return _json_safe(d)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# the library call
+
+
+def evaluate(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
+    """Score every run of ``config`` (see the package docstring); write ``config.out`` if set."""
+    from engram_cli.runs import load_run
+
+    progress = report(progress)
+    _check_config(config)
+    if config.out is not None:
+        check_output_dir(config.out, config.force, FORMAT)  # before any model runs
+    t0 = time.perf_counter()
+    runs = [load_run(r, device=config.device, verify=False) for r in config.runs]
+    n = _check_runs(runs, config)
+    docs, corpus = (None, None)
+    if config.corpus is not None:
+        docs, corpus = X.read_corpus(config.corpus, runs[0].tokenizer, progress)
+    result = EvalResult(text=config.text, bucket_n=n, knockout=config.knockout, corpus=corpus,
+                        runs=[evaluate_run(r, config, n, docs, progress) for r in runs])
+    result.warnings += [f"{r.unknown_tokens:,} of {r.tokens:,} scored tokens are outside the vocabulary of "
+                        f"{r.label} and were scored as its UNK token" for r in result.runs if r.unknown_tokens]
+    if config.out is not None:
+        _write_artifact(config, runs, result, t0)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def evaluate_run(run: LoadedRun, config: EvalConfig, n: int, docs, progress: ProgressFn) -> RunEval:
+    """Score one run: its held-out split (``docs`` None) or the corpus documents ``docs``."""
+    split = X.training_split(run, config.cache_dir, progress)
+    text = X.heldout_text(run, split) if docs is None else X.corpus_text(docs, run.separator_id)
+    windows = X.plan_windows(text.ranges, run.block_size, config.max_windows)
+    positions = X.target_positions(windows)
+    lengths = windows[:, 1] - windows[:, 0]
+    kw = {"batch_windows": config.batch_windows, "progress": progress}
+    loss = token_losses(run, text.stream, windows, **kw)
+    knocked = token_losses(run, text.stream, windows, knockout=True, **kw) if config.knockout else None
+    canonical = run.vocab.table
+    train_ngrams, train_counts = B.training_ngram_counts(split.stream, split.train, canonical, n,
+                                                         run.vocab.canonical_vocab_size, progress)
+    grams, valid = B.context_ngrams(text.stream, positions, canonical, n)
+    counts = np.where(valid, B.lookup_counts(train_ngrams, train_counts, grams, run.vocab.canonical_vocab_size), 0)
+    targets = np.asarray(text.stream[positions])
+    kinds = {KIND_ALL: (np.zeros(positions.size, dtype=np.int64), ("all",)),
+             KIND_COUNT: (B.count_buckets(counts), COUNT_BUCKETS),
+             KIND_SCRIPT: (B.token_scripts(run.tokenizer, targets), SCRIPT_BUCKETS)}
+    n_bytes = X.utf8_bytes(run.tokenizer, text.stream, positions)
+    mean, ci, bpb = _loss_summary(loss, lengths, n_bytes)
+    res = RunEval(model=run.name, run_dir=str(run.run_dir), step=run.step, engram_layers=list(run.layer_ids),
+                  text=text.kind, tokens=int(positions.size), windows=int(windows.shape[0]),
+                  block_size=run.block_size, bytes=n_bytes,
+                  unknown_tokens=int((run.to_model_ids(targets) == run.unk_id).sum()),
+                  train_tokens=split.train_tokens, bucket_n=n, loss=mean, loss_ci95=ci, bits_per_byte=bpb)
+    if knocked is not None:
+        res.knockout_loss, res.knockout_ci95, res.knockout_bits_per_byte = _loss_summary(knocked, lengths, n_bytes)
+        res.delta, *delta_ci = mean_ci95(window_sums(knocked - loss, lengths), lengths)  # paired by window
+        res.delta_ci95 = tuple(delta_ci)
+    res.buckets = [b for kind, (index, names) in kinds.items()
+                   for b in bucket_losses(kind, names, index, loss, knocked, lengths)]
+    return res
+
+
+def _loss_summary(loss: np.ndarray, lengths: np.ndarray, n_bytes: int) -> tuple[float, tuple[float, float], float]:
+    """Mean nats per token, its 95% interval over the windows, bits per byte."""
+    mean, lo, hi = mean_ci95(window_sums(loss, lengths), lengths)
+    return mean, (lo, hi), bits_per_byte(float(loss.sum()), n_bytes)
+
+
+def bucket_losses(kind: str, names, index: np.ndarray, loss: np.ndarray, knocked: np.ndarray | None,
+                  lengths: np.ndarray) -> list[BucketLoss]:
+    """Per bucket (``index`` into ``names`` for every token, tokens laid out window after window,
+    ``lengths`` tokens per window): tokens, mean loss, and with a knockout its loss and the delta
+    with a 95% interval over the windows."""
+    k, m = len(names), lengths.size
+    tokens = np.bincount(index, minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(index, weights=loss, minlength=k) / tokens
+        ko = None if knocked is None else np.bincount(index, weights=knocked, minlength=k) / tokens
+    if knocked is not None:  # per (window, bucket): delta sums and token counts
+        cell = np.repeat(np.arange(m), lengths) * k + index
+        cell_sums = np.bincount(cell, weights=knocked - loss, minlength=m * k).reshape(m, k)
+        cell_counts = np.bincount(cell, minlength=m * k).reshape(m, k)
+    out = []
+    for i, name in enumerate(names):
+        b = BucketLoss(kind=kind, bucket=name, tokens=int(tokens[i]), loss=float(mean[i]),
+                       knockout_loss=None if ko is None else float(ko[i]),
+                       delta=None if ko is None else float(ko[i] - mean[i]))
+        if knocked is not None and tokens[i]:
+            _, lo, hi = mean_ci95(cell_sums[:, i], cell_counts[:, i])
+            b.delta_ci95 = (lo, hi)
+        out.append(b)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the checks
+
+
+def _check_config(config: EvalConfig) -> None:
+    if not config.runs:
+        raise ConfigError("no run given", "pass one or more run directories: engram eval RUN...")
+    if config.knockout is not None and config.knockout not in KNOCKOUTS:
+        raise ConfigError(f"unknown knockout {config.knockout!r}", f"use one of: {', '.join(KNOCKOUTS)}")
+    if config.bucket_n is not None and not 1 <= config.bucket_n <= MAX_ORDER:
+        raise ConfigError(f"bucket n must be between 1 and {MAX_ORDER}, got {config.bucket_n}",
+                          "pass e.g. --bucket-n 3")
+    if config.max_windows is not None and config.max_windows < 1 or config.batch_windows < 1:
+        raise ConfigError("--max-windows and the batch size must be at least 1", "pass a positive number")
+
+
+def _check_runs(runs: list[LoadedRun], config: EvalConfig) -> int:
+    """Refuse runs of different tokenizers, a knockout of a run without Engram layers, a bucket n
+    the plans do not allow; returns the bucket n (default: the smallest plan's max_ngram_size)."""
+    first = runs[0]
+    for r in runs[1:]:
+        if r.tokenizer.fingerprint != first.tokenizer.fingerprint:
+            raise ConfigError(f"{first.label} and {r.label} were trained with different tokenizers (sha256 "
+                              f"{first.tokenizer.fingerprint[:12]}… vs {r.tokenizer.fingerprint[:12]}…)",
+                              "evaluate runs of one tokenizer together; bits per byte compare separate calls")
+    if config.knockout == "engram":
+        for r in runs:
+            if not r.layer_ids:
+                raise ConfigError(f"--knockout engram: {r.label} has no Engram layers (a pure-MoE baseline, "
+                                  "allocation 1.0), so there is no memory to switch off",
+                                  "leave that run out of the knockout, or drop --knockout")
+    plans = [(r, r.plan.max_ngram_size) for r in runs if r.plan is not None]
+    if config.bucket_n is None:
+        return min((m for _, m in plans), default=DEFAULT_BUCKET_N)
+    for r, m in plans:
+        if config.bucket_n > m:
+            raise ConfigError(f"bucket n {config.bucket_n} is larger than the table plan of {r.label} allows "
+                              f"(its largest n-gram order is {m})", f"pass --bucket-n {m} or less")
+    return config.bucket_n
+
+
+# ---------------------------------------------------------------------------------------------
+# the artifact
+
+
+def bucket_table(result: EvalResult):
+    """The per-bucket rows of every run as one Arrow table (``buckets.parquet``)."""
+    import pyarrow as pa
+
+    rows = [{"run": r.model, "step": r.step, "run_dir": r.run_dir, "kind": b.kind, "bucket": b.bucket,
+             "tokens": b.tokens, "loss": _num(b.loss), "knockout_loss": _num(b.knockout_loss), "delta": _num(b.delta)}
+            for r in result.runs for b in r.buckets]
+    schema = pa.schema([("run", pa.string()), ("step", pa.int64()), ("run_dir", pa.string()), ("kind", pa.string()),
+                        ("bucket", pa.string()), ("tokens", pa.int64()), ("loss", pa.float64()),
+                        ("knockout_loss", pa.float64()), ("delta", pa.float64())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else v
+
+
+def _write_artifact(config: EvalConfig, runs: list[LoadedRun], result: EvalResult, t0: float) -> None:
+    import pyarrow.parquet as pq
+
+    from engram_cli.eval.plots import plot_eval
+
+    with artifact_dir(config.out, FORMAT, force=config.force) as w:
+        pq.write_table(bucket_table(result), w.path(BUCKETS_FILE))
+        result.warnings += plot_eval(result, w.path(PLOT_PNG), w.path(PLOT_SVG))
+        w.config = config_record(config)
+        w.inputs = {"runs": [{"run_dir": str(r.run_dir), "name": r.name, "step": r.step,
+                              "vocab_sha256": r.vocab.fingerprint, "tokenizer_sha256": r.tokenizer.fingerprint}
+                             for r in runs], "tokenizer": runs[0].tokenizer.describe()}
+        if config.corpus is not None:
+            from engram_cli.corpus import corpus_fingerprint
+
+            w.inputs["corpus"] = corpus_fingerprint(config.corpus)
+        w.summary = {"text": result.text, "bucket_n": result.bucket_n, "knockout": result.knockout,
+                     "runs": [_json_safe({k: v for k, v in asdict(r).items() if k != "buckets"}) for r in result.runs],
+                     "seconds": round(time.perf_counter() - t0, 3)}
+    result.out = str(config.out)
+    result.files = [str(Path(config.out) / f) for f in FILES]
