@@ -26,14 +26,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -119,7 +116,7 @@ def main() -> None:
         opts = make_optimizers(m, ts)
         models[name] = (m, opts, step_fn(m, opts, ts.grad_clip))
 
-    for name, (m, _, step) in models.items():  # warm up (allocator, optimizer state)
+    for _name, (_m, _, step) in models.items():  # warm up (allocator, optimizer state)
         for x, c, y in batches[:2]:
             step(x, c, y)
     times: dict[str, list[float]] = {n: [] for n in models}

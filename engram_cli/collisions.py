@@ -201,7 +201,9 @@ class CollisionReport:
         out = []
         for o in self.orders:
             hs = o.heads
-            mean = lambda f: float(np.mean([f(h) for h in hs])) if hs else 0.0  # noqa: E731
+
+            def mean(f, hs=hs) -> float:
+                return float(np.mean([f(h) for h in hs])) if hs else 0.0
             out.append({
                 "layer": o.layer, "n": o.n, "keys": o.keys, "heads": len(hs),
                 "slots_mean": mean(lambda h: h.slots),
@@ -254,13 +256,54 @@ def _check_inputs(ngrams_by_order: dict[int, np.ndarray], counts_by_order: dict[
     return orders
 
 
+def key_mix(keys: np.ndarray, mults: tuple[int, ...] | list[int]) -> np.ndarray:
+    """The 64-bit mix of distinct n-grams [K, n] (text order): ``XOR_k id[n-1-k] * m_k``, int64 [K].
+
+    What :func:`hash_ngrams` mixes at the last position of a sequence that ends with the n-gram
+    (``m_0`` multiplies the newest id), in the same wrap-around int64 arithmetic.
+    """
+    keys = np.asarray(keys)
+    n = keys.shape[1]
+    mix = keys[:, n - 1].astype(np.int64) * np.int64(mults[0])      # (K,)
+    for k in range(1, n):
+        mix ^= keys[:, n - 1 - k].astype(np.int64) * np.int64(mults[k])
+    return mix
+
+
+def mix_slots(mix: np.ndarray, p: int) -> np.ndarray:
+    """``mix`` reduced to slots of a head of ``p`` slots: floor modulo, int64 in [0, p).
+
+    Computed as ``x - (x // p) * p`` (exact; NumPy vectorizes ``//`` by a scalar but not ``%``),
+    unsigned when no mix is negative (always so for ids in [0, V)), as in ``hashing._hash_numpy``.
+    """
+    if mix.shape[0] and int(mix.min()) >= 0:
+        src, d = mix.view(np.uint64), np.uint64(p)
+    else:
+        src, d = mix, np.int64(p)
+    out = np.floor_divide(src, d)
+    np.multiply(out, d, out=out)
+    np.subtract(src, out, out=out)
+    return out.view(np.int64)
+
+
 def hash_keys(keys: np.ndarray, plan: TablePlan, layer_id: int, n: int) -> np.ndarray:
     """Slots of distinct N-grams of order n in each head of that order: [K, n] -> [H_n, K] int64.
 
-    ``keys`` rows are in text order (column 0 oldest, column n-1 the newest token). Each row is
-    hashed as a sequence by :func:`hash_ngrams`; at its last position the order-n suffix is the
-    row itself. Returned head-major so each head's slots are contiguous.
+    ``keys`` rows are in text order (column 0 oldest, column n-1 the newest token). The fast path:
+    one :func:`key_mix` per key, reduced modulo each head's prime (:func:`mix_slots`); equal to
+    :func:`hash_keys_reference` (tested). Returned head-major so each head's slots are contiguous.
     """
+    primes = plan.primes[plan._layer(layer_id)][n - 2]
+    mix = key_mix(keys, plan.multipliers[layer_id])
+    out = np.empty((len(primes), mix.shape[0]), dtype=np.int64)     # (H_n, K)
+    for j, p in enumerate(primes):
+        out[j] = mix_slots(mix, p)
+    return out
+
+
+def hash_keys_reference(keys: np.ndarray, plan: TablePlan, layer_id: int, n: int) -> np.ndarray:
+    """The plain reference of :func:`hash_keys`: every row hashed as a sequence by :func:`hash_ngrams`,
+    whose order-n suffix at the last position is the row itself (in blocks of ``_HASH_ROWS`` rows)."""
     H = plan.n_head_per_ngram
     lo = (n - 2) * H                                   # the order's heads in hash_ngrams' output
     K = keys.shape[0]
@@ -272,18 +315,21 @@ def hash_keys(keys: np.ndarray, plan: TablePlan, layer_id: int, n: int) -> np.nd
     return out
 
 
+def _dense(n_slots: int, n_keys: int) -> bool:
+    """Count per slot in an array of the table's size (O(K + m)), or sort the slots (huge m)."""
+    return n_slots <= 8 * n_keys + (1 << 22)
+
+
 def _slot_loads(slots: np.ndarray, n_slots: int) -> tuple[np.ndarray, int, int]:
     """For one head's slots [K] in [0, m): (load of each key's slot [K], occupied, max load)."""
     K = slots.shape[0]
     if K == 0:
         return np.zeros(0, dtype=np.int64), 0, 0
-    if n_slots <= 8 * K + (1 << 22):                   # dense count: O(K + m)
+    if _dense(n_slots, K):                             # dense count: O(K + m)
         loads = np.bincount(slots, minlength=n_slots)  # (m,)
         return loads[slots], int(np.count_nonzero(loads)), int(loads.max())
     uniq, inverse, counts = np.unique(slots, return_inverse=True, return_counts=True)  # huge m: sort
     return counts[inverse.reshape(-1)], int(uniq.shape[0]), int(counts.max())
-
-
 def _group_pairs(g: np.ndarray, s: np.ndarray, s_bound: int) -> tuple[np.ndarray, np.ndarray]:
     """Dense group ids of the pairs (g[i], s[i]) and each group's size. g, s >= 0, s < s_bound."""
     if g.shape[0] == 0:

@@ -312,7 +312,7 @@ class SubVocab:
         return h.hexdigest()
 
     @classmethod
-    def from_counts(cls, counts: np.ndarray, min_count: int, always: tuple[int, ...] = ()) -> "SubVocab":
+    def from_counts(cls, counts: np.ndarray, min_count: int, always: tuple[int, ...] = ()) -> SubVocab:
         """Keep ids with ``counts >= min_count`` (and the ids in ``always``)."""
         keep = counts >= max(1, min_count)
         keep[list(always)] = True

@@ -406,6 +406,10 @@ class Block(nn.Module):
 # Config
 
 
+#: the behaviour of runs recorded before a ModelConfig field existed (not the defaults of new runs)
+LEGACY_MODEL_DEFAULTS = {"engram_conv_init": "default", "engram_reference_module": False}
+
+
 @dataclass
 class ModelConfig:
     """Backbone and module sizes. Defaults are a tiny model that trains on a CPU in minutes."""
@@ -453,6 +457,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
     # std of the normal init of linear, embedding and expert weights (GPT-2: 0.02).
     init_std: float = 0.02
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """A configuration a run recorded; fields it predates take the values engram used before
+        they existed (``LEGACY_MODEL_DEFAULTS``), so older runs load and resume as they trained."""
+        return cls(**{**LEGACY_MODEL_DEFAULTS, **d})
 
     def validate(self, plan: TablePlan | None = None) -> None:
         """Raise :class:`ConfigError` (one line + hint) for an impossible configuration."""

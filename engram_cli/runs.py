@@ -133,7 +133,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str = 
     from engram_cli.model import ModelConfig
 
     run = LoadedRun(run_dir=run_dir, name=run_dir.resolve().name, step=ckpt.step, manifest=manifest, config=config,
-                    checkpoint=ckpt, model_config=ModelConfig(**ckpt.state["model_config"]), plan=plan,
+                    checkpoint=ckpt, model_config=ModelConfig.from_dict(ckpt.state["model_config"]), plan=plan,
                     subvocab=subvocab, tokenizer=tokenizer, vocab=vocab,
                     separator_id=find_eos_id(tokenizer.tokenizer, config.get("data", {}).get("eos_token", "auto")))
     if with_model:

@@ -28,7 +28,7 @@ DEFAULT_TOKENIZER = "deepseek"
 class LoadedTokenizer:
     """A ``tokenizers.Tokenizer`` with where it came from and its fingerprint."""
 
-    tokenizer: "tokenizers.Tokenizer"  # noqa: F821  (imported lazily)
+    tokenizer: tokenizers.Tokenizer  # noqa: F821  (imported lazily)
     source: str          # the spec as resolved: a file path or hub name
     fingerprint: str     # sha256 hex of the tokenizer.json bytes
     vocab_size: int      # number of ids, added and special tokens included

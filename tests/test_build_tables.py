@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from engram_cli.cli import app
+from engram_cli.corpus import CorpusSpec
 from engram_cli.errors import ArtifactError, ConfigError, InputError
 from engram_cli.hashing import hash_ngrams, make_plan
-from engram_cli.corpus import CorpusSpec
 from engram_cli.tables import BuildTablesConfig, build_tables, load_tables
 
 from cli_asserts import one_red_line

@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 
 from engram_cli.corpus import CorpusSpec
-from engram_cli.data import (Batches, SubVocab, TokenCache, cache_key, find_eos_id, load_or_build_token_cache,
-                             prepare_data, split_stream, token_counts, unigram_entropy)
+from engram_cli.data import (
+    Batches,
+    SubVocab,
+    TokenCache,
+    cache_key,
+    find_eos_id,
+    load_or_build_token_cache,
+    prepare_data,
+    split_stream,
+    token_counts,
+    unigram_entropy,
+)
 from engram_cli.errors import ArtifactError, ConfigError, InputError
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 30, "Engram looks up static N-gram patterns. " * 40,

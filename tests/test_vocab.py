@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from engram_cli.errors import ArtifactError, InputError
-from engram_cli.vocab import (NormalizeSteps, NormalizeVocabConfig, canonical_keys, decode_vocabulary,
-                              group_keys, load_vocab, normalize_vocab)
+from engram_cli.vocab import (
+    NormalizeSteps,
+    NormalizeVocabConfig,
+    canonical_keys,
+    decode_vocabulary,
+    group_keys,
+    load_vocab,
+    normalize_vocab,
+)
 
 
 def tid(tok, s: str) -> int:

@@ -41,7 +41,7 @@ class RichProgress:
         self._progress = None
         self._start = time.perf_counter()
 
-    def __enter__(self) -> "RichProgress":
+    def __enter__(self) -> RichProgress:
         self._start = time.perf_counter()
         return self
 

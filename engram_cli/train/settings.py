@@ -226,7 +226,12 @@ def load_settings(path: str | os.PathLike | None = None, overrides: list[str] | 
     values: dict[str, dict[str, Any]] = base.to_dict() if base is not None else {s: {} for s in SECTIONS}
     if path is not None:
         path = Path(path)
-        for section, body in _read_config_file(path).items():
+        doc = _read_config_file(path)
+        if path.suffix == ".json" and isinstance(doc.get("model"), dict):  # a run's config.json
+            from engram_cli.model import LEGACY_MODEL_DEFAULTS
+
+            doc["model"] = {**LEGACY_MODEL_DEFAULTS, **doc["model"]}
+        for section, body in doc.items():
             if section not in SECTIONS or not isinstance(body, dict):
                 raise ConfigError(f"{path}: unknown section [{section}]", "sections: [model], [train], [data]")
             for name, value in body.items():

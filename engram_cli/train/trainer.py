@@ -317,7 +317,9 @@ class Trainer:
                              "subvocab": self.data.subvocab.fingerprint}
         if self.resumed is not None:
             _check_fingerprints(self.resumed.state.get("fingerprints", {}), self.fingerprints, self.resumed.path)
-            if self.resumed.state.get("model_config") != asdict(self.model_config):
+            from engram_cli.model import ModelConfig
+
+            if ModelConfig.from_dict(self.resumed.state.get("model_config", {})) != self.model_config:
                 raise ArtifactError(f"checkpoint {self.resumed.path} holds another model configuration than this run's",
                                     "start the run over with --force")
 
