@@ -82,7 +82,7 @@ def build_tables_command(
 
     Tokenizes the corpus with the vocab's tokenizer, maps ids to canonical ids, counts every 1..N-gram exactly (never across documents), makes the table plan `engram train` reads (prime sizes per layer, order and head; hash multipliers — the reference Engram scheme), and measures how often the hashing collides at those sizes beside what uniform hashing predicts.
     """
-    from engram_cli.commands.render import RichProgress, print_json
+    from engram_cli.commands.render import run_command
     from engram_cli.corpus import CorpusSpec, parse_shard
     from engram_cli.tables import BuildTablesConfig, build_tables
 
@@ -102,12 +102,7 @@ def build_tables_command(
         embed_dim_per_head=embed_dim_per_head, target_size=target_size, target_collision_rate=target_collision_rate,
         memory_budget=parse_bytes(memory_budget) if memory_budget else None,
         dtype=dtype, top_ngrams=top_ngrams, sweep=sweep, spill_dir=spill_dir, force=force)
-    with RichProgress(enabled=not quiet and not json_out, rate_key="tokens") as progress:
-        result = build_tables(config, progress=progress)
-    if json_out:
-        print_json(result.to_dict())
-    else:
-        render(result)
+    run_command(build_tables, config, render, json_out=json_out, quiet=quiet, rate_key="tokens")
 
 
 def _bytes(n: float) -> str:

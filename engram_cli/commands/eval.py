@@ -48,7 +48,7 @@ def eval_command(
 
     Each run is scored on its own held-out split, rebuilt exactly as training split it (or on a CORPUS given after the runs). The loss is broken down by how often the target's n-gram (its n-1 preceding tokens + itself, canonical ids) occurs in the run's training split (unseen, 1, 2–9, 10–99, ≥100) and by the target token's script. --knockout engram scores again with every Engram module switched off and shows the difference per bucket: where the memory pays.
     """
-    from engram_cli.commands.render import RichProgress, print_json
+    from engram_cli.commands.render import run_command
     from engram_cli.corpus import CorpusSpec
     from engram_cli.eval import EvalConfig, evaluate
     from engram_cli.eval.config import split_arguments
@@ -58,16 +58,7 @@ def eval_command(
         if sources else None
     config = EvalConfig(runs=runs, corpus=spec, bucket_n=bucket_n, knockout=knockout, out=out, force=force,
                         max_windows=max_windows, cache_dir=cache_dir, device=device)
-    with RichProgress(enabled=not quiet and not json_out, rate_key="tokens") as progress:
-        result = evaluate(config, progress=progress)
-    if json_out:
-        print_json(result.to_dict())
-    else:
-        render(result)
-    from engram_cli.commands.render import err
-
-    for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    run_command(evaluate, config, render, json_out=json_out, quiet=quiet, rate_key="tokens")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def inspect_gates_command(
 
     A text (argument, --file or stdin) is tokenized with the run's tokenizer and run through the trained model; the gate each Engram layer computed for each token is shaded in the terminal and, with --out, drawn as a heatmap (PNG + SVG). --compare / --compare-step put a second run or checkpoint beside it. With --corpus it aggregates over a corpus instead: the n-grams with the highest and lowest mean gate, a gate histogram per layer and the mean gate by token frequency.
     """
-    from engram_cli.commands.render import RichProgress, print_json
+    from engram_cli.commands.render import run_command
     from engram_cli.corpus import CorpusSpec
     from engram_cli.gates import InspectGatesConfig, inspect_gates
 
@@ -82,28 +82,14 @@ def inspect_gates_command(
         model=model, text=text, text_file=Path(file) if file else None, step=step, compare=compare,
         compare_step=compare_step, corpus=spec, out=out, force=force, csv=csv, parquet=parquet, wrap=wrap,
         overlap=overlap, min_count=min_count, top=top, separator=separator, device=device)
-    with RichProgress(enabled=not quiet and not json_out, rate_key="tokens") as progress:
-        result = inspect_gates(config, progress=progress)
-    if json_out:
-        print_json(result.to_dict())
-    elif config.mode == "corpus":
-        render_corpus(result)
-    else:
-        render_text(result)
-    _warn(result.warnings)
+    run_command(inspect_gates, config, render_corpus if config.mode == "corpus" else render_text,
+                json_out=json_out, quiet=quiet, rate_key="tokens")
 
 
 def _stdin() -> str:
     if sys.stdin is None or sys.stdin.isatty():
         raise InputError("`-` reads the text from stdin, but stdin is a terminal", "pipe the text in: cat F | engram ...")
     return sys.stdin.read()
-
-
-def _warn(warnings: list[str]) -> None:
-    from engram_cli.commands.render import err
-
-    for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------

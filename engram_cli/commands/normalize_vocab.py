@@ -35,18 +35,13 @@ def normalize_vocab_command(
 
     Case, accent and whitespace variants of a token (Apple/apple, é/e, " the"/"the") get one canonical id, exactly as the reference Engram implementation does. Writes vocab_map.npy, canonical_vocab.parquet and manifest.json to --out, and reports how much each step saves.
     """
-    from engram_cli.commands.render import RichProgress, print_json
+    from engram_cli.commands.render import run_command
     from engram_cli.vocab import NormalizeSteps, NormalizeVocabConfig, normalize_vocab
 
     config = NormalizeVocabConfig(
         out=out, tokenizer=tokenizer, force=force, top_groups=top,
         steps=NormalizeSteps(nfkc=nfkc, strip_accents=strip_accents, lowercase=lowercase, whitespace=whitespace))
-    with RichProgress(enabled=not quiet and not json_out) as progress:
-        result = normalize_vocab(config, progress=progress)
-    if json_out:
-        print_json(result.to_dict())
-    else:
-        render(result)
+    run_command(normalize_vocab, config, render, json_out=json_out, quiet=quiet)
 
 
 

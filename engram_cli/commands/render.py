@@ -79,3 +79,19 @@ def _fmt(v: Any) -> str:
     if isinstance(v, int) and abs(v) >= 10_000:
         return f"{v:,}"
     return str(v)
+
+
+def run_command(library_fn: Any, config: Any, render: Any, *, json_out: bool, quiet: bool,
+                rate_key: str | None = None) -> Any:
+    """What every command does after building its config: call the one library function with Rich
+    progress bars on stderr (unless ``quiet`` or ``json_out``), then print the result as JSON
+    (``json_out``) or through ``render``, and any ``result.warnings`` in yellow on stderr."""
+    with RichProgress(enabled=not quiet and not json_out, rate_key=rate_key) as progress:
+        result = library_fn(config, progress=progress)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        render(result)
+    for w in getattr(result, "warnings", None) or []:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    return result

@@ -20,6 +20,10 @@ EXAMPLES = [
      "override config keys; replace the earlier run"),
     ("engram train corpus/ -T out/tables -o out/run --set data.text_column=body --set data.max_tokens=5000000",
      "read field `body` of JSONL/Parquet inputs; stop after 5M tokens"),
+    ("engram train corpus/ -T out/tables -o out/run-h4 -c configs/tiny.toml --set plan.n_head_per_ngram=4 "
+     "--allocation 0.75", "re-plan the tables (4 heads per order), then size them by the allocation"),
+    ("engram train corpus/ -T out/tables -o out/run -c configs/tiny.toml --log tensorboard",
+     "also write TensorBoard event files to out/run/tensorboard/"),
 ]
 
 
@@ -48,6 +52,9 @@ def train_command(
         "--vocab", "-v", metavar="DIR", help="Vocab artifact, if not where the tables recorded it.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(
         "--tokenizer", "-t", metavar="SPEC", help="Tokenizer spec (default: the one the tables were built with; must match it).")] = None,
+    log: Annotated[Optional[str], typer.Option(
+        "--log", metavar="tensorboard", help="Also log the metrics as TensorBoard event files in <out>/tensorboard/ "
+                                             "(needs `pip install tensorboard`).")] = None,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
@@ -62,7 +69,8 @@ def train_command(
     settings = load_settings(config) if config is not None else None
     cfg = TrainConfig(out=out, tables=tables, sources=list(corpus or []), settings=settings, overrides=list(set_ or []),
                       allocation=allocation,
-                      device=device, resume=resume, force=force, cache_dir=cache_dir, vocab=vocab, tokenizer=tokenizer)
+                      device=device, resume=resume, force=force, cache_dir=cache_dir, vocab=vocab, tokenizer=tokenizer,
+                      log=log)
     show = not quiet and not json_out
     with RichProgress(enabled=show) as progress:
         result = train(cfg, progress=progress, on_start=render_start if show else None)
