@@ -141,7 +141,7 @@ app = typer.Typer(
     name="engram",
     help="Build and analyze Engram tables: conditional N-gram memory for LLMs (arXiv 2601.07372).\n\n"
     "The pipeline: normalize-vocab → build-tables → train → inspect-gates; each stage's output "
-    "directory is the next one's input.",
+    "directory is the next one's input. eval scores runs; sweep trains many at controlled budgets.",
     epilog="Example: engram normalize-vocab --out out/vocab",
     no_args_is_help=True,
     add_completion=False,
@@ -169,7 +169,10 @@ def _register() -> None:
     from engram_cli.commands import COMMANDS, examples_epilog
 
     for name, module, func in COMMANDS:
-        app.command(name, epilog=examples_epilog(module.EXAMPLES))(func)
+        if isinstance(getattr(module, "app", None), typer.Typer):  # a command with subcommands
+            app.add_typer(module.app, name=name, epilog=examples_epilog(module.EXAMPLES))
+        else:
+            app.command(name, epilog=examples_epilog(module.EXAMPLES))(func)
 
 
 _register()

@@ -145,12 +145,15 @@ class TablePlan:
     primes: dict[int, tuple[tuple[int, ...], ...]]  # layer id -> per order (n=2 first) -> head sizes
     embed_dim_per_head: int = 64  # row width of each head's table: d_mem / n_head_per_ngram (demo: 512 / 8)
     preset: str | None = field(default=None, compare=False)  # the published configuration it follows, if any
+    # every head's table has exactly one row (size 1, not a prime): every n-gram of an order shares
+    # it, so the tables memorize nothing. The capacity-1 control of ``engram sweep memory --slots 1``
+    single_row: bool = False
 
     def __hash__(self) -> int:  # the dict fields are unhashable; hash their frozen contents
         return hash((self.seed, self.max_ngram_size, self.n_head_per_ngram, self.layer_ids, self.pad_id,
                      self.canonical_pad_id, self.canonical_vocab_size, self.original_vocab_size,
                      self.target_sizes, tuple(sorted(self.multipliers.items())),
-                     tuple(sorted(self.primes.items())), self.embed_dim_per_head))
+                     tuple(sorted(self.primes.items())), self.embed_dim_per_head, self.single_row))
 
     # ---- shape figures
 
@@ -212,6 +215,7 @@ class TablePlan:
             "multipliers": {str(k): list(v) for k, v in self.multipliers.items()},
             "primes": {str(k): [list(o) for o in v] for k, v in self.primes.items()},
             **({"preset": self.preset} if self.preset is not None else {}),
+            **({"single_row": True} if self.single_row else {}),  # absent otherwise: older plans keep their sha256
         }
 
     @classmethod
@@ -268,6 +272,9 @@ def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
         raise bad("expected a JSON object")
     if "preset" in d and not isinstance(d["preset"], str):
         raise bad(f"preset must be a name, got {d['preset']!r}")
+    single_row = d.get("single_row", False)
+    if single_row is not False and single_row is not True:
+        raise bad(f"single_row must be true or false, got {single_row!r}")
     if d.get("format") != PLAN_FORMAT:
         raise bad(f"format is {d.get('format')!r}, expected {PLAN_FORMAT!r}")
     if d.get("format_version") != PLAN_VERSION:
@@ -275,7 +282,7 @@ def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
     missing = [k for k in _PLAN_KEYS if k not in d]
     if missing:
         raise bad(f"missing keys: {', '.join(missing)}")
-    unknown = sorted(set(d) - set(_PLAN_KEYS) - {"preset"})
+    unknown = sorted(set(d) - set(_PLAN_KEYS) - {"preset", "single_row"})
     if unknown:
         raise bad(f"unknown keys: {', '.join(unknown)}")
     for k in ("seed", "max_ngram_size", "n_head_per_ngram", "pad_id", "canonical_pad_id",
@@ -293,6 +300,8 @@ def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
     targets = int_list(d["target_sizes"], "target_sizes")
     if len(targets) != max_n - 1 or any(t < 1 for t in targets):
         raise bad(f"target_sizes must hold {max_n - 1} positive integers (one per order)")
+    if single_row and any(t != 1 for t in targets):
+        raise bad("a single_row plan has target size 1 for every order")
     for k in ("multipliers", "primes"):
         if not isinstance(d[k], dict) or sorted(d[k]) != sorted(str(x) for x in layers):
             raise bad(f"{k} must have one entry per layer id {layers}")
@@ -314,6 +323,10 @@ def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
             if len(ps) != heads:
                 raise bad(f"layer {layer}, order {n} has {len(ps)} head sizes, expected {heads}")
             for p in ps:
+                if single_row:
+                    if p != 1:
+                        raise bad(f"head size {p} (layer {layer}, order {n}) of a single_row plan is not 1")
+                    continue
                 if p < target or p > MAX_LONG or not isprime(p):
                     raise bad(f"head size {p} (layer {layer}, order {n}) is not a prime >= target {target}")
                 if p in seen:
@@ -327,18 +340,22 @@ def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
                      canonical_vocab_size=vsize, original_vocab_size=d["original_vocab_size"],
                      target_sizes=tuple(targets), multipliers=multipliers, primes=primes,
                      embed_dim_per_head=d["embed_dim_per_head"],
-                     preset=d["preset"] if isinstance(d.get("preset"), str) else None)
+                     preset=d["preset"] if isinstance(d.get("preset"), str) else None, single_row=single_row)
 
 
 def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_vocab_size: int,
               pad_id: int = 2, layer_ids: tuple[int, ...] | list[int] = (1, 15), max_ngram_size: int = 3,
               n_head_per_ngram: int = 8, target_sizes: tuple[int, ...] | list[int] | None = None,
-              seed: int = 0, embed_dim_per_head: int = 64, preset: str | None = None) -> TablePlan:
+              seed: int = 0, embed_dim_per_head: int = 64, preset: str | None = None,
+              single_row: bool = False) -> TablePlan:
     """Build a :class:`TablePlan` (defaults = the reference Engram configuration).
 
     ``canonical_pad_id`` is ``vocab_map[pad_id]``: the caller maps it, this module knows no vocab.
     ``target_sizes`` defaults to ``5 * original_vocab_size`` for every order (the reference's
-    ``engram_vocab_size``). Raises ConfigError for impossible values.
+    ``engram_vocab_size``). ``single_row`` gives every head a table of exactly one row instead of
+    a prime (target sizes must be 1): the capacity-1 control. Without it the smallest tables are
+    the primes 2, 3, 5, 7, ... (no prime twice), which together still tell many n-grams apart.
+    Raises ConfigError for impossible values.
     """
     def need(cond: bool, msg: str, hint: str = "see `engram build-tables --help` for the plan's options") -> None:
         if not cond:
@@ -368,16 +385,50 @@ def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_voca
     need(all(1 <= t <= MAX_TARGET_SIZE for t in target_sizes),
          f"target table sizes must be in [1, 2^40], got {list(target_sizes)}",
          "size the tables with --target-size, --target-collision-rate or --memory-budget")
+    need(not single_row or all(t == 1 for t in target_sizes),
+         f"a single-row plan has target size 1 for every order, got {list(target_sizes)}",
+         "drop single_row, or use target size 1")
 
+    primes = (dict.fromkeys(layer_ids, ((1,) * n_head_per_ngram,) * n_orders) if single_row
+              else make_primes(layer_ids, max_ngram_size, n_head_per_ngram, target_sizes))
     return TablePlan(
         seed=int(seed), max_ngram_size=int(max_ngram_size), n_head_per_ngram=int(n_head_per_ngram),
         layer_ids=layer_ids, pad_id=int(pad_id), canonical_pad_id=int(canonical_pad_id),
         canonical_vocab_size=int(canonical_vocab_size), original_vocab_size=int(original_vocab_size),
         target_sizes=target_sizes,
         multipliers=make_multipliers(canonical_vocab_size, layer_ids, max_ngram_size, seed),
-        primes=make_primes(layer_ids, max_ngram_size, n_head_per_ngram, target_sizes),
-        embed_dim_per_head=int(embed_dim_per_head), preset=preset,
+        primes=primes, embed_dim_per_head=int(embed_dim_per_head), preset=preset, single_row=bool(single_row),
     )
+
+
+#: the plan options :func:`replan` can change (the ``[plan]`` settings of ``engram train``)
+REPLAN_KEYS = ("n_head_per_ngram", "max_ngram_size", "layer_ids", "embed_dim_per_head", "target_size", "single_row")
+
+
+def replan(template: TablePlan, *, n_head_per_ngram: int | None = None, max_ngram_size: int | None = None,
+           layer_ids: tuple[int, ...] | list[int] | None = None, embed_dim_per_head: int | None = None,
+           target_size: int | None = None, single_row: bool = False) -> TablePlan:
+    """``template`` re-planned with some of its options changed (None: the template's).
+
+    The vocabulary (sizes, pad ids) and the seed are always the template's, so the new plan hashes
+    the same canonical ids. ``target_size`` sets every order's target slots per head; without it the
+    template's targets are kept, or, when ``max_ngram_size`` changes the number of orders, its first
+    order's target for every order. ``single_row`` makes the capacity-1 control (target size 1).
+    """
+    max_n = max_ngram_size if max_ngram_size is not None else template.max_ngram_size
+    if target_size is not None or single_row:
+        targets = ((1 if target_size is None else int(target_size)),) * (max_n - 1)
+    elif max_n == template.max_ngram_size:
+        targets = template.target_sizes
+    else:
+        targets = (template.target_sizes[0],) * (max_n - 1)
+    pick = lambda new, old: old if new is None else new  # noqa: E731
+    return make_plan(canonical_vocab_size=template.canonical_vocab_size, canonical_pad_id=template.canonical_pad_id,
+                     original_vocab_size=template.original_vocab_size, pad_id=template.pad_id,
+                     layer_ids=pick(layer_ids, template.layer_ids), max_ngram_size=max_n,
+                     n_head_per_ngram=pick(n_head_per_ngram, template.n_head_per_ngram), target_sizes=targets,
+                     seed=template.seed, embed_dim_per_head=pick(embed_dim_per_head, template.embed_dim_per_head),
+                     single_row=single_row)
 
 
 # -----------------------------------------------------------------------------

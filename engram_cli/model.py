@@ -537,7 +537,8 @@ class ModelConfig:
             )
         for layer in plan.layer_ids:
             sizes = plan.head_sizes(layer)
-            if len(sizes) != plan.total_heads or min(sizes) < 2:
+            smallest = 1 if getattr(plan, "single_row", False) else 2  # 1: the capacity-1 control
+            if len(sizes) != plan.total_heads or min(sizes) < smallest:
                 raise ConfigError(
                     f"the plan's head tables of layer {layer} are malformed ({len(sizes)} heads, "
                     f"smallest {min(sizes, default=0)} slots)",

@@ -37,7 +37,7 @@ SETS = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_siz
         "train.warmup_steps=2", "train.lr=1e-2", "data.max_tokens=3000", "data.val_chunk_tokens=128",
         "data.val_fraction=0.1", "data.min_count=1"]
 CORPUS = SOTU[:2]
-RUN_FILES = {"manifest.json", "config.json", "metrics.jsonl", "ckpt/latest.json"} | {
+RUN_FILES = {"manifest.json", "config.json", "metrics.jsonl", "loss_curve.png", "ckpt/latest.json"} | {
     f"ckpt/step_000006/{f}" for f in ("model.safetensors", "optimizer.safetensors", "optimizer.json",
                                       "rng.safetensors", "subvocab.safetensors", "table_plan.json", "state.json")}
 

@@ -6,11 +6,13 @@ tables on stdout, or JSON with ``--json``). No numeric work happens here. Heavy 
 imported inside the command functions so that ``engram --help`` stays fast.
 
 Each command module defines ``EXAMPLES``: (command line, what it does) pairs shown in ``--help``.
+A command with subcommands (``engram sweep``) defines ``app``, a Typer sub-app; its registry
+function is the sub-app's callback (its help text).
 """
 
 from types import ModuleType
 
-from engram_cli.commands import build_tables, inspect_gates, normalize_vocab, train
+from engram_cli.commands import build_tables, inspect_gates, normalize_vocab, sweep, train
 from engram_cli.commands import eval as eval_
 
 #: (command name, module, function) in pipeline order
@@ -20,6 +22,7 @@ COMMANDS: list[tuple[str, ModuleType, object]] = [
     ("train", train, train.train_command),
     ("inspect-gates", inspect_gates, inspect_gates.inspect_gates_command),
     ("eval", eval_, eval_.eval_command),
+    ("sweep", sweep, sweep.sweep_command),  # a group: its subcommands are sweep.app's
 ]
 
 

@@ -23,25 +23,30 @@ One call of :func:`train` does the whole run:
 
 The package, in dependency order:
 
-* ``settings.py``: the ``[model]``/``[train]``/``[data]`` configuration (:class:`TrainSettings`,
-  :class:`DataSettings`, :class:`Settings`), read from TOML and ``--set`` (:func:`load_settings`),
-  checked, and the learning-rate schedule (:func:`lr_factor`);
+* ``settings.py``: the ``[model]``/``[train]``/``[data]``/``[plan]`` configuration
+  (:class:`TrainSettings`, :class:`DataSettings`, :class:`PlanSettings`, :class:`Settings`), read
+  from TOML and ``--set`` (:func:`load_settings`), checked, and the learning-rate schedule
+  (:func:`lr_factor`);
 * ``distributed.py``: the device and the process group (:class:`Dist`, :func:`resolve_device`,
   :func:`init_distributed`, :func:`allreduce_gradients`, :func:`barrier`);
 * ``optim.py``: AdamW + SparseAdam (:func:`make_optimizers`) and the schedule applied to them;
-* ``run.py``: the run directory (``manifest.json``, ``config.json``, ``metrics.jsonl``);
+* ``run.py``: the run directory (``manifest.json``, ``config.json``, ``metrics.jsonl``, the
+  optional TensorBoard log);
+* ``curves.py``: the run's loss-curve picture (``loss_curve.png``);
 * ``trainer.py``: :func:`train`, :class:`TrainConfig`, :class:`TrainResult` and the
   :class:`Trainer` whose named steps (setup, train_step, evaluate, save, finish) it runs.
 """
 
+from engram_cli.train.curves import LOSS_CURVE_FILE, write_loss_curve
 from engram_cli.train.distributed import Dist, allreduce_gradients, barrier, init_distributed, resolve_device
 from engram_cli.train.optim import apply_schedule, make_optimizers
-from engram_cli.train.run import CONFIG_FILE, CONFIG_FORMAT, METRICS_FILE
+from engram_cli.train.run import CONFIG_FILE, CONFIG_FORMAT, LOG_KINDS, METRICS_FILE, TENSORBOARD_DIR
 from engram_cli.train.settings import (
     RESUME_MUTABLE,
     SECTIONS,
     TRAINER_SET,
     DataSettings,
+    PlanSettings,
     Settings,
     TrainSettings,
     check_settings,
@@ -50,11 +55,12 @@ from engram_cli.train.settings import (
     parse_set,
     toml_module,
 )
-from engram_cli.train.trainer import RunStart, StepStats, TrainConfig, Trainer, TrainResult, train
+from engram_cli.train.trainer import RunStart, StepStats, TrainConfig, Trainer, TrainResult, template_plan, train
 
 __all__ = [
-    "CONFIG_FILE", "CONFIG_FORMAT", "METRICS_FILE", "RESUME_MUTABLE", "SECTIONS", "TRAINER_SET",
-    "DataSettings", "Dist", "RunStart", "Settings", "StepStats", "TrainConfig", "TrainResult", "TrainSettings",
-    "Trainer", "allreduce_gradients", "apply_schedule", "barrier", "check_settings", "init_distributed",
-    "load_settings", "lr_factor", "make_optimizers", "parse_set", "resolve_device", "toml_module", "train",
+    "CONFIG_FILE", "CONFIG_FORMAT", "LOG_KINDS", "LOSS_CURVE_FILE", "METRICS_FILE", "RESUME_MUTABLE", "SECTIONS",
+    "TENSORBOARD_DIR", "TRAINER_SET", "DataSettings", "Dist", "PlanSettings", "RunStart", "Settings", "StepStats",
+    "TrainConfig", "TrainResult", "TrainSettings", "Trainer", "allreduce_gradients", "apply_schedule", "barrier",
+    "check_settings", "init_distributed", "load_settings", "lr_factor", "make_optimizers", "parse_set",
+    "resolve_device", "template_plan", "toml_module", "train", "write_loss_curve",
 ]

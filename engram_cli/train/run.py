@@ -5,7 +5,9 @@
     manifest.json     format, config, inputs' fingerprints, plan source, budget, files, summary
     config.json       the resolved configuration ([model], [train], [data] + how it was run)
     metrics.jsonl     one JSON object per logged step
-    table_plan.json   only when --allocation derived a new plan
+    loss_curve.png    training and validation loss against tokens (written at the end)
+    table_plan.json   only when --allocation or [plan] settings made the run's own plan
+    tensorboard/      only with --log tensorboard: the same metrics as TensorBoard event files
     ckpt/             checkpoints (see engram_cli.checkpoint)
 
 Unlike the other stages' artifacts, a run directory is written in place while training (its
@@ -29,11 +31,14 @@ from engram_cli.artifacts import (
     manifest_header,
     sha256_file,
 )
-from engram_cli.errors import ArtifactError
+from engram_cli.errors import ArtifactError, ConfigError
 from engram_cli.hashing import PLAN_FILE
 from engram_cli.runs import CONFIG_FILE, CONFIG_FORMAT, RUN_FORMAT, plan_fingerprint
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+#: what --log accepts
+LOG_KINDS = ("tensorboard",)
 
 
 def prepare_out(out: Path, resume: bool, force: bool) -> None:
@@ -104,14 +109,16 @@ def config_doc(settings, *, tables: Path, corpus: list[str], allocation: float |
                     "device": device, "tokenizer": tokenizer, "vocab": vocab, "cache_dir": str(cache_dir)}}
 
 
-def plan_record(plan, source: str, allocation: float | None) -> dict[str, Any]:
+def plan_record(plan, source: str, allocation: float | None, changes: dict | None = None) -> dict[str, Any]:
     """The manifest's ``plan`` entry: where the model's table plan came from and its fingerprint.
 
-    ``source`` is ``tables`` (the tables' plan as it is), ``derived`` (by --allocation; saved in
-    the run as table_plan.json) or ``none (pure MoE)``.
+    ``source`` is ``tables`` (the tables' plan as it is), ``replanned`` (the tables' plan with the
+    ``[plan]`` settings ``changes``), ``derived`` (sized by --allocation, from the tables' or the
+    replanned plan) or ``none (pure MoE)``; replanned and derived plans are saved in the run as
+    table_plan.json.
     """
-    return {"source": source, "allocation": allocation,
-            "file": PLAN_FILE if source == "derived" else None,
+    return {"source": source, "allocation": allocation, "changes": dict(changes or {}),
+            "file": PLAN_FILE if source in ("derived", "replanned") else None,
             "sha256": plan_fingerprint(plan),
             "layer_ids": list(plan.layer_ids) if plan is not None else [],
             "total_slots": plan.total_slots_all if plan is not None else 0,
@@ -160,7 +167,7 @@ class RunManifest:
             except OSError:  # pruned meanwhile
                 files.pop(rel)
                 continue
-            if rel == METRICS_FILE:  # a log that grows after this manifest is written
+            if rel == METRICS_FILE or rel.startswith(f"{TENSORBOARD_DIR}/"):  # logs that grow after this manifest
                 files[rel]["append_only"] = True
         return files
 
@@ -216,3 +223,43 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled and not self._f.closed:
             self._f.close()
+
+
+def check_log(log: str | None) -> None:
+    """``--log``: None or one of LOG_KINDS, whose package must be importable (checked before any work)."""
+    if log is None:
+        return
+    if log not in LOG_KINDS:
+        raise ConfigError(f"unknown --log {log!r}", f"use one of: {', '.join(LOG_KINDS)}")
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
+    except ImportError:
+        raise ConfigError("--log tensorboard needs the tensorboard package, which is not installed",
+                          "pip install tensorboard") from None
+
+
+class TensorBoardLog:
+    """The metrics lines also written as TensorBoard scalars under ``<run>/tensorboard/`` (rank 0,
+    ``--log tensorboard``): ``train/loss``, ``train/aux_loss``, ``train/lr``, ``train/engram_lr``,
+    ``train/grad_norm``, ``train/tokens_per_second`` and ``val/loss``, against the step."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
+
+    def write(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        for key in ("loss", "aux_loss", "lr", "engram_lr", "grad_norm", "tokens_per_second"):
+            if row.get(key) is not None:
+                self.writer.add_scalar(f"train/{key}", row[key], row["step"])
+        if row.get("val_loss") is not None:
+            self.writer.add_scalar("val/loss", row["val_loss"], row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -1,10 +1,11 @@
-"""The training configuration: ``[model]``, ``[train]`` and ``[data]``, from TOML and ``--set``.
+"""The training configuration: ``[model]``, ``[train]``, ``[data]`` and ``[plan]``, from TOML and ``--set``.
 
 A configuration is read in layers, each on top of the previous (:func:`load_settings`): the
 defaults (or a given base), a TOML file such as ``configs/tiny.toml`` (or a run's
 ``config.json``), then ``--set key=value`` overrides. ``[model]`` is
 :class:`engram_cli.model.ModelConfig`; ``[train]`` is :class:`TrainSettings`; ``[data]`` is
-:class:`DataSettings`. Unknown sections or keys, wrong types and impossible values raise one-line
+:class:`DataSettings`; ``[plan]`` (:class:`PlanSettings`) changes the tables' table plan
+for the run. Unknown sections or keys, wrong types and impossible values raise one-line
 :class:`~engram_cli.errors.ConfigError` s.
 
 TOML is parsed with the standard library's ``tomllib`` (Python 3.11+), else with its backport
@@ -110,7 +111,37 @@ class DataSettings:
                           max_tokens=self.max_tokens)
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainSettings, "data": DataSettings}
+@dataclass
+class PlanSettings:
+    """The ``[plan]`` section: changes to the tables' table plan for this run (``hashing.replan``).
+
+    Every key left at None keeps the tables' value, so by default the run uses the plan of the
+    ``--tables`` artifact as it is. The vocabulary and the hash seed are always the tables'. With
+    ``--allocation`` the changed plan is the template that the freed parameters are spread over
+    (so ``target_size`` and ``single_row`` cannot be combined with it). These are the plan axes of
+    ``engram sweep grid`` and ``engram sweep memory``.
+    """
+
+    # hash heads (separate tables) per n-gram order (build-tables --heads-per-ngram)
+    n_head_per_ngram: int | None = None
+    # largest n-gram order; orders 2..N are hashed (build-tables --max-ngram-size)
+    max_ngram_size: int | None = None
+    # blocks with an Engram module, e.g. [1] or [1, 3] (build-tables --layers); each < model.n_layer
+    layer_ids: list[int] | None = None
+    # row width of each head's table (build-tables --embed-dim-per-head)
+    embed_dim_per_head: int | None = None
+    # slots per head for every order, rounded up to distinct primes (build-tables --target-size)
+    target_size: int | None = None
+    # every head's table has exactly one row: the capacity-1 control (engram sweep memory --slots 1)
+    single_row: bool = False
+
+    def changes(self) -> dict[str, Any]:
+        """The options set (not None / False): ``hashing.replan``'s keyword arguments."""
+        return {k: v for k, v in asdict(self).items() if v is not None and v is not False}
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainSettings, "data": DataSettings,
+                             "plan": PlanSettings}
 #: set by the trainer, never by a config file
 TRAINER_SET = {"model.vocab_size": "the model's vocabulary is the corpus's sub-vocabulary, sized by the trainer"}
 #: keys a resumed run may change (bookkeeping only; `steps` moves the end of the cosine schedule)
@@ -120,17 +151,23 @@ RESUME_MUTABLE = {"train.steps", "train.eval_interval", "train.eval_batches", "t
 
 @dataclass
 class Settings:
-    """The three configuration sections together."""
+    """The configuration sections together."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    plan: PlanSettings = field(default_factory=PlanSettings)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """``{section: {key: value}}`` as config.json records it (without ``model.vocab_size``)."""
         d = {name: asdict(getattr(self, name)) for name in SECTIONS}
         d["model"].pop("vocab_size")
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, dict[str, Any]]) -> Settings:
+        """The settings :meth:`to_dict` recorded (already checked when they were made)."""
+        return cls(**{name: SECTIONS[name](**(d.get(name) or {})) for name in SECTIONS})
 
     def flat(self) -> dict[str, Any]:
         """``{"section.key": value}``."""
@@ -155,7 +192,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
-        raise ConfigError(f"{key} cannot be empty", f"give {key} a {typ.__name__} value")
+        raise ConfigError(f"{key} cannot be empty", f"give {key} a {getattr(typ, '__name__', typ)} value")
+    if typing.get_origin(typ) is list:  # a list of ints (plan.layer_ids)
+        if not isinstance(value, list) or not value or \
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key} must be a non-empty list of integers, got {value!r}", f"e.g. --set {key}=[1,3]")
+        return list(value)
     ok = (isinstance(value, bool) if typ is bool else
           isinstance(value, int) and not isinstance(value, bool) if typ is int else
           isinstance(value, (int, float)) and not isinstance(value, bool) if typ is float else
@@ -184,17 +226,25 @@ def _resolve_key(key: str) -> tuple[str, str]:
     if "." in key:
         section, name = key.split(".", 1)
         if section not in SECTIONS:
-            raise ConfigError(f"unknown config section {section!r} in {key!r}", "sections: model, train, data")
+            raise ConfigError(f"unknown config section {section!r} in {key!r}", "sections: model, train, data, plan")
         if name not in _field_types(SECTIONS[section]):
-            raise ConfigError(f"unknown config key {key!r}", f"see the keys of [{section}] in configs/tiny.toml")
+            where = "docs/training.md" if section == "plan" else "configs/tiny.toml"
+            raise ConfigError(f"unknown config key {key!r}", f"see the keys of [{section}] in {where}")
         return section, name
     owners = [s for s, cls in SECTIONS.items() if key in _field_types(cls)]
     if not owners:
-        raise ConfigError(f"unknown config key {key!r}", "see configs/tiny.toml for the keys of [model], [train], [data]")
+        raise ConfigError(f"unknown config key {key!r}",
+                          "see configs/tiny.toml for the keys of [model], [train], [data]; docs/training.md for [plan]")
     if len(owners) > 1:
         raise ConfigError(f"config key {key!r} is ambiguous ({', '.join(f'{s}.{key}' for s in owners)})",
                           "prefix it with its section")
     return owners[0], key
+
+
+def resolve_key(key: str) -> str:
+    """A ``--set`` key (``section.name`` or a bare name that exactly one section has) as
+    ``section.name``; ConfigError for an unknown or ambiguous key."""
+    return ".".join(_resolve_key(key))
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -233,7 +283,7 @@ def load_settings(path: str | os.PathLike | None = None, overrides: list[str] | 
             doc["model"] = {**LEGACY_MODEL_DEFAULTS, **doc["model"]}
         for section, body in doc.items():
             if section not in SECTIONS or not isinstance(body, dict):
-                raise ConfigError(f"{path}: unknown section [{section}]", "sections: [model], [train], [data]")
+                raise ConfigError(f"{path}: unknown section [{section}]", "sections: [model], [train], [data], [plan]")
             for name, value in body.items():
                 s, n = _resolve_key(f"{section}.{name}")
                 values[s][n] = value
@@ -289,10 +339,21 @@ def check_settings(s: Settings) -> None:
          f"data.val_chunk_tokens ({d.val_chunk_tokens}) must exceed model.block_size ({s.model.block_size})",
          "raise data.val_chunk_tokens or lower model.block_size")
     need(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}", "e.g. 0.05")
+    p = s.plan
+    for name, low in (("n_head_per_ngram", 1), ("max_ngram_size", 2), ("embed_dim_per_head", 1), ("target_size", 1)):
+        value = getattr(p, name)
+        need(value is None or value >= low, f"plan.{name} must be >= {low}, got {value}",
+             f"set plan.{name} to at least {low}, or none for the tables' value")
+    need(p.layer_ids is None or (len(set(p.layer_ids)) == len(p.layer_ids) and min(p.layer_ids) >= 0),
+         f"plan.layer_ids must be distinct block indices >= 0, got {p.layer_ids}", "e.g. --set plan.layer_ids=[1,3]")
+    need(not p.single_row or p.target_size in (None, 1),
+         f"plan.single_row has one row per head; it cannot have plan.target_size = {p.target_size}",
+         "drop plan.target_size (or set it to 1)")
 
 
 def check_resume_settings(saved: dict, new: Settings, where: Path) -> None:
     """A resumed run's settings may differ from the ``saved`` config.json only in RESUME_MUTABLE keys."""
+    saved = {**saved, "plan": {**asdict(PlanSettings()), **(saved.get("plan") or {})}}  # runs from before [plan]
     old_flat = {f"{s}.{k}": v for s, sec in saved.items() if s in SECTIONS for k, v in sec.items()}
     diffs = [f"{k} {old_flat.get(k)!r} → {v!r}" for k, v in new.flat().items()
              if k not in RESUME_MUTABLE and old_flat.get(k) != v]

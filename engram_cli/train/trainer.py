@@ -36,6 +36,8 @@ from engram_cli.train.run import (
     METRICS_FILE,
     MetricsWriter,
     RunManifest,
+    TensorBoardLog,
+    check_log,
     commit_out,
     config_doc,
     open_out,
@@ -61,6 +63,7 @@ class TrainConfig:
     cache_dir: Path | None = None              # token cache (default <out>/../.engram-cache)
     vocab: Path | None = None                  # vocab artifact, if not where the tables recorded it
     tokenizer: str | None = None               # tokenizer spec (default: the tables' tokenizer)
+    log: str | None = None                     # "tensorboard": also log the metrics to <out>/tensorboard/
 
 
 @dataclass
@@ -177,6 +180,22 @@ def _require_inputs(config: TrainConfig) -> None:
         raise InputError("no corpus given", "pass the corpus files or directories to train on")
 
 
+def template_plan(tables_plan, settings: Settings, allocation: float | None):
+    """The plan a run starts from: the tables' own, or the tables' re-planned with the ``[plan]``
+    settings (``hashing.replan``). With ``allocation`` it is the template the freed parameters are
+    spread over, so it may not fix the table size itself."""
+    changes = settings.plan.changes()
+    if not changes:
+        return tables_plan
+    sized = sorted({"target_size", "single_row"} & changes.keys())
+    if allocation is not None and sized:
+        raise ConfigError(f"--allocation sizes the tables itself; plan.{sized[0]} cannot be set with it",
+                          f"drop plan.{sized[0]}, or drop --allocation")
+    from engram_cli.hashing import replan
+
+    return replan(tables_plan, **changes)
+
+
 def _check_fingerprints(saved: dict, now: dict, ckpt: Path) -> None:
     """The inputs in ``now`` must be the ones the checkpoint was trained with (``saved``)."""
     names = {"plan": "table plan", "tokenizer": "tokenizer", "vocab": "vocab map", "corpus": "corpus",
@@ -211,6 +230,7 @@ class Trainer:
         """Check the request, load the inputs, build the model and optimizers (restored on resume)
         and open the run directory; nothing is written before every input has been checked."""
         out = Path(config.out)
+        check_log(config.log)
         prepare_out(out, config.resume, config.force)
         resumed = None
         if config.resume:
@@ -237,11 +257,12 @@ class Trainer:
 
         config, mc = self.config, self.settings.model
         self.tables = tables = load_tables(config.tables, config.vocab)
+        self.template = template_plan(tables.plan, self.settings, config.allocation)
         # impossible sizes fail here, before any tokenizing (the vocabulary size does not matter yet)
         if config.allocation is None:
-            mc.validate(tables.plan)
+            mc.validate(self.template)
         else:
-            allocate(mc, tables.plan, float(config.allocation))
+            allocate(mc, self.template, float(config.allocation))
         self.vocab = vocab = tables.vocab
         self.tok_spec = config.tokenizer or tables.tokenizer_spec
         self.tok = tok = load_tokenizer(self.tok_spec)
@@ -290,12 +311,13 @@ class Trainer:
         base = dataclasses.replace(self.settings.model, vocab_size=self.data.subvocab.size)
         allocation = None
         if config.allocation is not None:
-            allocation = allocate(base, self.tables.plan, float(config.allocation))
+            allocation = allocate(base, self.template, float(config.allocation))
             self.model_config, self.plan = allocation.config, allocation.plan
             self.plan_source = "derived" if self.plan is not None else "none (pure MoE)"
         else:
-            self.model_config, self.plan, self.plan_source = base, self.tables.plan, "tables"
-        self.plan_info = plan_record(self.plan, self.plan_source, config.allocation)
+            self.model_config, self.plan = base, self.template
+            self.plan_source = "tables" if self.template is self.tables.plan else "replanned"
+        self.plan_info = plan_record(self.plan, self.plan_source, config.allocation, self.settings.plan.changes())
         # a run that cannot fit fails here, with the estimate, before anything big is allocated
         check_train_memory(self.model_config, self.plan, ts.batch_size, d.world_size, self.device.type)
 
@@ -360,11 +382,12 @@ class Trainer:
         self.work = self.out  # where the run writes; a hidden sibling until --force's first checkpoint
         if d.main:
             self.work = open_out(self.out, resume=config.resume, config_doc=self.config_doc,
-                                 plan=self.plan if self.plan_source == "derived" else None)
+                                 plan=self.plan if self.plan_source in ("derived", "replanned") else None)
         self.metrics = MetricsWriter(self.work / METRICS_FILE, d.main, self.start_step if config.resume else None)
         if self.metrics.dropped:
             self.warnings.append(f"{self.metrics.dropped} damaged line(s) of {METRICS_FILE} were left out; "
                                  "the valid rows before and after them are kept")
+        self.tensorboard = TensorBoardLog(self.work, enabled=d.main and self.config.log == "tensorboard")
         self.manifest = RunManifest(self.work, config=self.config_doc, inputs=inputs, plan=self.plan_info,
                                     budget=self.budget, enabled=d.main)
 
@@ -406,12 +429,14 @@ class Trainer:
             raise
         finally:
             self.metrics.close()
+            self.tensorboard.close()
         return self.finish()
 
     def _stopped(self, status: str, extra: dict) -> None:
         """Record why the run stopped; a --force run without a checkpoint yet is discarded and the
         previous run it was to replace stays as it was."""
         self.metrics.close()
+        self.tensorboard.close()
         if self.work != self.out and self.d.main:
             shutil.rmtree(self.work, ignore_errors=True)
             return
@@ -486,6 +511,7 @@ class Trainer:
             self.window_t0 = time.perf_counter()  # evaluation time is not training throughput
         if row is not None:
             self.metrics.write(row)
+            self.tensorboard.write(row)
         if step % ts.checkpoint_interval == 0 or step == ts.steps:
             p = self.save(step, {"train_loss": s.lm_loss, "val_loss": self.val_loss, "best_val_loss": self.best_val})
             if self.d.main:
@@ -554,6 +580,10 @@ class Trainer:
             budget=self.budget, plan=self.plan_info, data=data.summary(), device=str(self.device),
             world_size=d.world_size, checkpoint=self.last_ckpt_path, rank=d.rank, rank_checksums=checksums,
             warnings=list(self.warnings))
+        if d.main:  # the picture of the whole run (resumed parts included), before the manifest lists it
+            from engram_cli.train.curves import write_loss_curve
+
+            result.warnings += write_loss_curve(self.work, title=f"{self.out.name}: loss during training")
         summary = {k: v for k, v in result.to_dict().items() if k not in ("out", "budget", "plan", "rank")}
         self.manifest.write({"status": "finished", **summary})
         return result

@@ -1,0 +1,297 @@
+""":func:`sweep`, the one library call behind ``engram sweep``: check every point before anything
+runs, open (or continue) the sweep directory, bring every run to an end, and write the summary
+tables, the pictures and the manifest."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engram_cli.artifacts import (
+    MANIFEST,
+    artifact_format,
+    atomic_write_json,
+    check_output_dir,
+    check_output_path,
+    holds_output_lock,
+    manifest_header,
+    sha256_file,
+)
+from engram_cli.errors import ArtifactError, ConfigError, EngramError, InputError, Interrupted
+from engram_cli.progress import ProgressFn, report
+from engram_cli.sweep import runner as R
+from engram_cli.sweep.config import (
+    CURVES_PNG,
+    FORMAT,
+    PLOT_PNG,
+    PLOT_SVG,
+    POINTS_FILE,
+    RUNS_DIR,
+    RUNS_FILE,
+    Point,
+    RunSpec,
+    SweepConfig,
+    check_config,
+    make_points,
+    make_runs,
+    threads_per_run,
+)
+from engram_cli.sweep.plots import plot_curves, plot_sweep
+from engram_cli.sweep.summary import point_rows, power_law_fit, run_rows, write_tables
+
+TITLES = {"allocation": "Validation loss against the allocation ratio ρ (equal total and activated parameters)",
+          "memory": "Validation loss against the Engram table size (the backbone fixed)",
+          "grid": "Validation loss over the grid"}
+
+
+@dataclass
+class SweepResult:
+    """What :func:`sweep` returns (the manifest's ``summary`` holds the same figures)."""
+
+    out: Path
+    kind: str
+    runs: list[dict[str, Any]]         # one row per run (runs.parquet)
+    points: list[dict[str, Any]]       # one row per point: mean, spread, verdict (points.parquet)
+    fit: dict[str, Any] | None         # memory sweep: the power-law fit of loss against table rows
+    evaluated: bool                    # bits per byte and bucket losses from `engram eval` are in the rows
+    trained: list[str]                 # runs this call trained, resumed or restarted
+    skipped: list[str]                 # runs finished (or failed) before this call: not trained again
+    seconds: float                     # wall time of this call
+    jobs: int
+    threads: int                       # torch threads per run
+    plot_markers: int                  # runs drawn in sweep.png (one marker each)
+    files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+@holds_output_lock(lambda config: config.out)
+def sweep(config: SweepConfig, progress: ProgressFn | None = None) -> SweepResult:
+    """Run (or continue) the sweep ``config`` asks for; see :mod:`engram_cli.sweep`."""
+    t0 = time.perf_counter()
+    progress = report(progress)
+    check_config(config)
+    points = make_points(config)
+    specs = make_runs(config, points)
+    base, settings = _settings(config, specs)
+    identity = _identity(config, base)
+    _check_points(config, specs, settings)
+    previous = _open_sweep_dir(config, identity)
+    evaluated, warnings = _can_evaluate(config)
+    manifest = _Manifest(config, identity, points, specs)
+    jobs = [_job(config, spec, settings[spec.name], previous, evaluated) for spec in specs]
+    records: dict[str, dict] = {}
+
+    def on_record(record: dict) -> None:
+        records[record["run"]] = record
+        manifest.write(records, "running")
+        progress("sweep", len(records), len(specs), run=record["run"], val=record.get("val_loss") or "-")
+
+    work = [j for j in jobs if j.action in (R.NEW, R.RESTART, R.RESUME)
+            or (j.action == R.FINISHED and j.evaluate and j.previous_eval is None)]
+    for job in jobs:
+        if job not in work:
+            on_record(R.execute(job))  # finished (and scored) or failed before: read, never trained again
+    threads = threads_per_run(config)
+    try:
+        _run(config, work, threads, progress, on_record)
+    except Interrupted as e:
+        manifest.write(records, "interrupted")
+        e.message = f"sweep interrupted: {sum(r['status'] == 'finished' for r in records.values())} of " \
+                    f"{len(specs)} runs finished"
+        e.hint = f"rerun the same command to continue ({config.out}: finished runs are kept, interrupted ones resume)"
+        raise
+    except EngramError:
+        manifest.write(records, "stopped")
+        raise
+    ordered = [records[s.name] for s in specs]
+    return _finish(config, manifest, points, ordered, evaluated, jobs, threads, t0, warnings)
+
+
+def _run(config: SweepConfig, work: list[R.Job], threads: int, progress: ProgressFn,
+         on_record: Callable[[dict], None]) -> None:
+    def run_progress(name: str) -> ProgressFn:
+        def forward(task, completed, total=None, **info):
+            progress(name if task == "train" else f"{name} {task}", completed, total, **info)
+        return forward
+
+    if config.jobs == 1 or len(work) <= 1:
+        R.run_inline(work, threads, run_progress, on_record)
+    else:
+        R.ParallelRuns(config.jobs, threads, run_progress, on_record).run(work)
+
+
+# ---------------------------------------------------------------------------------------------
+# before anything runs
+
+
+def _settings(config: SweepConfig, specs: list[RunSpec]):
+    """The base settings (the sweep's own --set) and every run's (its point's --set and seed)."""
+    from engram_cli.train import load_settings
+
+    base = load_settings(config.config, config.overrides)
+    settings = {}
+    for spec in specs:
+        try:
+            settings[spec.name] = load_settings(config.config, spec.overrides(config))
+        except ConfigError as e:
+            raise ConfigError(f"point {spec.point.name}: {e.message}", e.hint) from None
+    return base, settings
+
+
+def _check_points(config: SweepConfig, specs: list[RunSpec], settings: dict) -> None:
+    """Every point's table plan and model must be possible (as ``engram train`` checks them
+    before reading the corpus): one ConfigError naming the point."""
+    from engram_cli.budget import allocate
+    from engram_cli.corpus import resolve_sources
+    from engram_cli.tables import load_tables
+    from engram_cli.train import template_plan
+    from engram_cli.train.run import check_log
+
+    if not config.sources:
+        raise InputError("no corpus given", "pass the corpus files or directories every run trains on")
+    check_log(config.log)
+    resolve_sources(settings[specs[0].name].data.corpus_spec(config.sources))  # a missing path fails here
+    tables = load_tables(config.tables)
+    for spec in specs[::len(config.seeds)]:  # the seed changes nothing here
+        s, rho = settings[spec.name], spec.point.allocation
+        try:
+            template = template_plan(tables.plan, s, rho)
+            if rho is None:
+                s.model.validate(template)
+            else:
+                allocate(s.model, template, rho)
+        except ConfigError as e:
+            raise ConfigError(f"point {spec.point.name}: {e.message}", e.hint) from None
+
+
+def _identity(config: SweepConfig, base) -> dict[str, Any]:
+    """What every call of one sweep must share (points and seeds may be added)."""
+    tables = Path(config.tables)
+    if not (tables / MANIFEST).is_file():
+        raise ArtifactError(f"tables directory {tables} has no {MANIFEST}", "create it with `engram build-tables`")
+    return {"kind": config.kind, "settings": base.to_dict(), "allocation": config.allocation,
+            "tables": {"path": str(tables.resolve()), "manifest_sha256": sha256_file(tables / MANIFEST)},
+            "corpus": list(config.sources)}
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{path}.{k}" if path else k)]
+    return [] if a == b else [f"{path}: {a!r} → {b!r}"]
+
+
+def _open_sweep_dir(config: SweepConfig, identity: dict) -> dict | None:
+    """A new sweep directory, or the manifest of the sweep there to continue (same identity)."""
+    out = check_output_path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"--out {out} exists and is not a directory", "choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if config.force:
+        check_output_dir(out, True, FORMAT)  # only an engram sweep is replaced
+        shutil.rmtree(out)
+        return None
+    if artifact_format(out) != FORMAT:
+        raise ArtifactError(f"{out} exists and is not an engram sweep", "choose another --out")
+    previous = _read_previous(out)
+    diffs = _differences(previous.get("config", {}).get("identity"), identity)
+    if diffs:
+        raise ArtifactError(f"sweep {out} was started with other settings ({'; '.join(diffs[:3])})",
+                            "rerun it with the same options, start over with --force, or choose another --out")
+    return previous
+
+
+def _read_previous(out: Path) -> dict:
+    """The manifest of the sweep in ``out`` (finished or not): its identity and the runs' records."""
+    from engram_cli.artifacts import check_schema, read_json
+
+    doc = read_json(out / MANIFEST, what="sweep manifest", producer="engram sweep")
+    return check_schema(doc, f"{out}/{MANIFEST}", {"config": dict, "runs": dict},
+                        "start the sweep over with --force")
+
+
+def _can_evaluate(config: SweepConfig) -> tuple[bool, list[str]]:
+    if not config.evaluate:
+        return False, []
+    try:
+        import engram_cli.eval  # noqa: F401
+    except ImportError:
+        return False, ["`engram eval` is not available here: bits per byte and bucket losses are left out"]
+    return True, []
+
+
+def _job(config: SweepConfig, spec: RunSpec, settings, previous: dict | None, evaluated: bool) -> R.Job:
+    from engram_cli.train import TrainConfig
+
+    run_dir = Path(config.out) / RUNS_DIR / spec.name
+    action = R.run_state(run_dir)
+    if action in (R.FINISHED, R.FAILED, R.RESUME):
+        R.check_run_matches(run_dir, settings.to_dict(), spec.point.allocation)
+    old = (previous or {}).get("runs", {}).get(spec.name) or {}
+    train = TrainConfig(out=run_dir, tables=config.tables, sources=list(config.sources), settings=settings,
+                        allocation=spec.point.allocation, device=config.device, cache_dir=config.cache_dir,
+                        log=config.log)
+    return R.Job(name=spec.name, run_dir=run_dir, action=action, train=train,
+                 base={"run": spec.name, "point": spec.point.name, "seed": spec.seed, "values": spec.point.values},
+                 evaluate=evaluated, eval_windows=config.eval_windows,
+                 previous_eval=old.get("eval") if action == R.FINISHED else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the manifest and the end
+
+
+class _Manifest:
+    """``manifest.json`` of the sweep, rewritten (atomically) after every run and at the end."""
+
+    def __init__(self, config: SweepConfig, identity: dict, points: list[Point], specs: list[RunSpec]):
+        self.out, self.identity, self.specs = Path(config.out), identity, specs
+        self.config = {"identity": identity, "points": [p.to_dict() for p in points], "seeds": list(config.seeds),
+                       "jobs": config.jobs, "threads": config.threads, "evaluate": config.evaluate,
+                       "eval_windows": config.eval_windows, "device": config.device, "log": config.log}
+
+    def write(self, records: dict[str, dict], status: str, summary: dict | None = None,
+              files: dict | None = None) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        runs = {s.name: records[s.name] for s in self.specs if s.name in records}
+        doc = {**manifest_header(FORMAT), "config": self.config,
+               "inputs": {"tables": self.identity["tables"], "corpus": self.identity["corpus"]},
+               "files": files or {}, "runs": runs,
+               "summary": {"status": status, "runs": len(self.specs),
+                           "finished": sum(r.get("status") == "finished" for r in runs.values()),
+                           "failed": sum(r.get("status") == "failed" for r in runs.values()), **(summary or {})}}
+        atomic_write_json(self.out / MANIFEST, doc)
+
+
+def _finish(config: SweepConfig, manifest: _Manifest, points: list[Point], records: list[dict], evaluated: bool,
+            jobs: list[R.Job], threads: int, t0: float, warnings: list[str]) -> SweepResult:
+    """The tables, the pictures and the finished manifest."""
+    out = Path(config.out)
+    runs = run_rows(records, points, evaluated)
+    prows = point_rows(runs, points, evaluated)
+    fit = power_law_fit(runs) if config.kind == "memory" else None
+    write_tables(runs, prows, out / RUNS_FILE, out / POINTS_FILE)
+    markers, w = plot_sweep(config.kind, runs, prows, fit, out / PLOT_PNG, out / PLOT_SVG, TITLES[config.kind])
+    warnings += w + plot_curves(runs, out / CURVES_PNG, "Loss of every run against tokens")
+    warnings += [f"run {r['run']} failed: {r.get('error')}" for r in runs if r["status"] == "failed"]
+    names = (RUNS_FILE, POINTS_FILE, PLOT_PNG, PLOT_SVG, CURVES_PNG)
+    files = {n: {"bytes": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in names}
+    result = SweepResult(out=out, kind=config.kind, runs=runs, points=prows, fit=fit, evaluated=evaluated,
+                         trained=[r["run"] for r in records if r.get("action") in (R.NEW, R.RESTART, R.RESUME)],
+                         skipped=[j.name for j in jobs if j.action in (R.FINISHED, R.FAILED)],
+                         seconds=round(time.perf_counter() - t0, 3), jobs=config.jobs, threads=threads,
+                         plot_markers=markers, files=[str(out / MANIFEST)] + [str(out / n) for n in names],
+                         warnings=warnings)
+    manifest.write({r["run"]: r for r in records}, "finished", files=files,
+                   summary={"points": prows, "fit": fit, "evaluated": evaluated, "seconds": result.seconds,
+                            "trained": result.trained, "skipped": result.skipped})
+    return result
