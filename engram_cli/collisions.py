@@ -24,9 +24,12 @@ vectorized (``np.bincount`` / ``np.unique``); there is no Python loop over keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,7 +37,7 @@ import numpy as np
 
 from engram_cli import plotting
 from engram_cli.errors import InputError
-from engram_cli.hashing import TablePlan, expected_colliding_share, hash_ngrams, make_primes
+from engram_cli.hashing import TablePlan, _available_cpus, expected_colliding_share, hash_ngrams, make_primes
 from engram_cli.progress import ProgressFn, report
 
 COLLISIONS_FORMAT = "engram.collisions"
@@ -273,17 +276,11 @@ def key_mix(keys: np.ndarray, mults: tuple[int, ...] | list[int]) -> np.ndarray:
 def mix_slots(mix: np.ndarray, p: int) -> np.ndarray:
     """``mix`` reduced to slots of a head of ``p`` slots: floor modulo, int64 in [0, p).
 
-    Computed as ``x - (x // p) * p`` (exact; NumPy vectorizes ``//`` by a scalar but not ``%``),
-    unsigned when no mix is negative (always so for ids in [0, V)), as in ``hashing._hash_numpy``.
+    Unsigned when no mix is negative (always so for ids in [0, V)), which NumPy divides faster.
     """
     if mix.shape[0] and int(mix.min()) >= 0:
-        src, d = mix.view(np.uint64), np.uint64(p)
-    else:
-        src, d = mix, np.int64(p)
-    out = np.floor_divide(src, d)
-    np.multiply(out, d, out=out)
-    np.subtract(src, out, out=out)
-    return out.view(np.int64)
+        return np.remainder(mix.view(np.uint64), np.uint64(p)).view(np.int64)
+    return np.remainder(mix, np.int64(p))
 
 
 def hash_keys(keys: np.ndarray, plan: TablePlan, layer_id: int, n: int) -> np.ndarray:
@@ -349,57 +346,216 @@ def _group_pairs(g: np.ndarray, s: np.ndarray, s_bound: int) -> tuple[np.ndarray
     return inverse, np.bincount(group_sorted)
 
 
+def _tied_keys(head_slots: Callable[[int, np.ndarray], np.ndarray], sizes: list[int] | tuple[int, ...],
+               candidates: np.ndarray) -> np.ndarray:
+    """Indices of the keys whose whole slot tuple equals another key's, from the keys ``candidates``
+    that share their head-0 slot; ``head_slots(j, idx)`` gives head j's slots of the keys ``idx``.
+
+    Exact grouping on the tuple, refined head by head over the keys still tied, so later heads only
+    see the few keys left.
+    """
+    idx = candidates
+    group = head_slots(0, idx)
+    for j in range(1, len(sizes)):
+        if idx.shape[0] == 0:
+            break
+        group, size = _group_pairs(group, head_slots(j, idx), sizes[j])
+        keep = size[group] >= 2                        # still tied with some key in heads 0..j
+        idx, group = idx[keep], group[keep]
+    return idx
+
+
 def shared_in_all_heads(slots: np.ndarray, sizes: list[int], first_loads: np.ndarray | None = None) -> np.ndarray:
     """Mask [K] of keys whose whole slot tuple (all heads) equals another key's: [H, K] -> [K] bool.
 
-    Exact grouping on the tuple, refined head by head over the keys still tied: after head 0 only
-    keys in shared slots remain, after each further head only keys tied with another in all heads
-    so far, so later steps are cheap. ``first_loads`` (load of each key's head-0 slot) saves a count.
+    ``first_loads`` (load of each key's head-0 slot) saves a count.
     """
     H, K = slots.shape
     if first_loads is None:
         first_loads = _slot_loads(slots[0], sizes[0])[0]
-    idx = np.flatnonzero(first_loads >= 2)             # candidates: tied in head 0
-    group = slots[0, idx]
-    for j in range(1, H):
-        if idx.shape[0] == 0:
-            break
-        group, size = _group_pairs(group, slots[j, idx], sizes[j])
-        keep = size[group] >= 2                        # still tied with some key in heads 0..j
-        idx, group = idx[keep], group[keep]
+    idx = _tied_keys(lambda j, i: slots[j, i], sizes, np.flatnonzero(first_loads >= 2))
     mask = np.zeros(K, dtype=bool)
     mask[idx] = True
     return mask
 
 
+@dataclass
+class _HeadPass:
+    """What one pass over one head's slots gives (see :func:`_measure_head`)."""
+
+    occupied: int
+    colliding: int                  # keys in slots holding 2 or more keys
+    colliding_weighted: int         # their summed counts
+    max_load: int
+    shared: np.ndarray | None       # (K,) bool, key shares its slot: head 0 only (indistinguishability)
+    heat: np.ndarray | None         # summed counts of every used slot, int64, unsorted (hot rows)
+    hist: np.ndarray | None         # slots holding L keys, L = 0..max load (the slot-load picture)
+
+
+def _measure_head(mix: np.ndarray, p: int, counts: np.ndarray, *, first: bool, heat: bool,
+                  hist: bool) -> _HeadPass:
+    """One head of ``p`` slots: hash (:func:`mix_slots`), count keys and occurrences per slot, and
+    derive every figure from the per-slot arrays (so each key is visited by two counts only).
+    ``counts``: the keys' occurrences as float64 (exact sums below 2^53) or int64."""
+    K = mix.shape[0]
+    if K == 0:
+        return _HeadPass(0, 0, 0, 0, np.zeros(0, bool) if first else None,
+                         np.zeros(0, np.int64) if heat else None, np.array([p]) if hist else None)
+    slots = mix_slots(mix, p)                                     # (K,)
+    if _dense(p, K):
+        loads = np.bincount(slots, minlength=p)                   # (p,) keys per slot
+        where = slots                                             # each key's index into loads
+    else:                                                         # huge table: the used slots only
+        _, where, loads = np.unique(slots, return_inverse=True, return_counts=True)
+        where = where.reshape(-1)
+        del slots
+    sums = _sum_by_slot(where, counts, loads.shape[0])            # (len(loads),) occurrences per slot
+    shared_slot = loads >= 2
+    h = None
+    if hist:
+        h = np.bincount(loads)                                    # dense: [0] = empty slots
+        h[0] = p - int(np.count_nonzero(loads))
+    return _HeadPass(occupied=int(np.count_nonzero(loads)), colliding=int(loads[shared_slot].sum()),
+                     colliding_weighted=int(sums[shared_slot].sum()), max_load=int(loads.max()),
+                     shared=shared_slot[where] if first else None, heat=sums[sums > 0] if heat else None, hist=h)
+
+
+def _sum_by_slot(where: np.ndarray, counts: np.ndarray, size: int) -> np.ndarray:
+    """int64 sums of ``counts`` per slot index ``where`` in [0, size): a ``bincount`` when the
+    counts come as float64 (exact: their total is below 2^53), else a sort."""
+    if counts.dtype == np.float64:
+        return np.bincount(where, weights=counts, minlength=size).astype(np.int64)
+    order = np.argsort(where, kind="stable")
+    w = where[order]
+    starts = np.flatnonzero(np.r_[True, w[1:] != w[:-1]])
+    out = np.zeros(size, dtype=np.int64)
+    out[w[starts]] = np.add.reduceat(counts[order], starts)
+    return out
+
+
+def _shared_values(x: np.ndarray) -> np.ndarray:
+    """Indices of the entries of ``x`` whose value another entry has too (one sort)."""
+    s = np.sort(x)
+    dup = np.unique(s[1:][s[1:] == s[:-1]])                        # (D,) the repeated values, few
+    if dup.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(dup, x), dup.shape[0] - 1)
+    return np.flatnonzero(dup[pos] == x)
+
+
+@dataclass
+class TableMeasurement:
+    """Everything one hashing pass over a corpus's distinct n-grams gives (:func:`measure_tables`)."""
+
+    collisions: CollisionReport
+    row_heat: dict[int, np.ndarray]        # layer -> summed counts of every used row (all heads), unsorted
+    slot_load_hist: dict[int, np.ndarray]  # order -> slots holding L keys, head 0 of the plan's first layer
+
+
+def measure_tables(ngrams_by_order: dict[int, np.ndarray], counts_by_order: dict[int, np.ndarray],
+                   plan: TablePlan, progress: ProgressFn | None = None, *,
+                   num_threads: int | None = None) -> TableMeasurement:
+    """Collisions (:func:`measure_collisions`), row heat (``engram_cli.hotrows``) and the slot-load
+    histogram in one pass: every key is mixed once per (layer, order), every head's slots are
+    computed once, and the heads run in ``num_threads`` threads (None: the available CPUs; NumPy
+    releases the GIL in its loops)."""
+    return _measure(ngrams_by_order, counts_by_order, plan, progress, heat=True, hist=True, num_threads=num_threads)
+
+
 def measure_collisions(ngrams_by_order: dict[int, np.ndarray], counts_by_order: dict[int, np.ndarray],
-                       plan: TablePlan, progress: ProgressFn | None = None) -> CollisionReport:
+                       plan: TablePlan, progress: ProgressFn | None = None, *,
+                       num_threads: int | None = None) -> CollisionReport:
     """Measure collisions of ``plan`` on distinct N-grams, for every layer, order and head.
 
     ngrams_by_order: order n -> distinct N-grams [K, n] of canonical ids in text order (column 0
         the oldest token). Rows must be distinct: duplicates would count as colliding keys.
     counts_by_order: order n -> corpus occurrences [K] of each row (for the weighted shares).
     progress: called as ``progress("collisions", done, total, layer=..., n=...)`` per (layer, order).
+
+    Equal to :func:`measure_collisions_reference` (tested), in one pass per head.
     """
+    return _measure(ngrams_by_order, counts_by_order, plan, progress, heat=False, hist=False,
+                    num_threads=num_threads).collisions
+
+
+def _measure(ngrams_by_order, counts_by_order, plan: TablePlan, progress: ProgressFn | None, *, heat: bool,
+             hist: bool, num_threads: int | None) -> TableMeasurement:
     progress = report(progress)
     orders = _check_inputs(ngrams_by_order, counts_by_order, plan)
     total = len(plan.layer_ids) * len(orders)
     result: list[OrderCollisions] = []
+    heats: dict[int, list[np.ndarray]] = {layer: [] for layer in plan.layer_ids}
+    hists: dict[int, np.ndarray] = {}
+    threads = max(1, min(plan.n_head_per_ngram, num_threads or _available_cpus()))
     progress("collisions", 0, total)
+    with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
+        for layer in plan.layer_ids:
+            for n in orders:
+                order, passes = _measure_order(ngrams_by_order[n], counts_by_order[n], plan, layer, n, pool,
+                                               heat=heat, hist=hist and layer == plan.layer_ids[0])
+                result.append(order)
+                if heat:
+                    heats[layer] += [r.heat for r in passes]
+                if passes[0].hist is not None:
+                    hists[n] = passes[0].hist
+                progress("collisions", len(result), total, layer=layer, n=n)
+    row_heat = {layer: np.concatenate(h) if h else np.zeros(0, np.int64) for layer, h in heats.items()}
+    return TableMeasurement(collisions=CollisionReport(orders=result), row_heat=row_heat, slot_load_hist=hists)
+
+
+def _measure_order(keys, counts, plan: TablePlan, layer: int, n: int, pool: ThreadPoolExecutor | None, *,
+                   heat: bool, hist: bool) -> tuple[OrderCollisions, list[_HeadPass]]:
+    """One (layer, order): the keys mixed once, every head measured (in ``pool``), then the keys tied
+    in all heads found among those sharing their head-0 slot (their slots recomputed, few keys)."""
+    keys = np.asarray(keys)
+    counts = np.asarray(counts, dtype=np.int64)                 # (K,)
+    K = keys.shape[0]
+    total_count = int(counts.sum())
+    weights = counts.astype(np.float64) if total_count < 2**53 else counts   # float64 sums are exact
+    sizes = list(plan.primes[layer][n - 2])
+    mix = key_mix(keys, plan.multipliers[layer])                # (K,)
+    # Two keys share their slot in every head iff their mixes are congruent modulo every prime,
+    # i.e. modulo their product (CRT: the primes are distinct). Once that product reaches 2^64,
+    # more than any difference of two int64 mixes, that means equal mixes: one sort finds them.
+    by_mix = math.prod(sizes) >= 2**64
+
+    def head(j: int) -> _HeadPass:
+        return _measure_head(mix, sizes[j], weights, first=j == 0 and not by_mix, heat=heat, hist=hist and j == 0)
+
+    passes = list(pool.map(head, range(len(sizes))) if pool is not None else map(head, range(len(sizes))))
+    heads = [HeadCollisions(
+        layer=layer, n=n, head=j, head_index=(n - 2) * plan.n_head_per_ngram + j, keys=K, slots=m,
+        occupied=r.occupied, colliding=r.colliding, colliding_weighted=r.colliding_weighted, max_load=r.max_load,
+        occupied_pred=expected_occupied(K, m), colliding_share_pred=expected_colliding_share(K, m),
+        max_load_pred=expected_max_load(K, m), total_count=total_count)
+        for j, (m, r) in enumerate(zip(sizes, passes))]
+    tied = _shared_values(mix) if by_mix else \
+        _tied_keys(lambda j, idx: mix_slots(mix[idx], sizes[j]), sizes, np.flatnonzero(passes[0].shared))
+    order = OrderCollisions(layer=layer, n=n, keys=K, indistinguishable=int(tied.shape[0]),
+                            indistinguishable_weighted=int(counts[tied].sum()),
+                            indistinguishable_share_pred=expected_indistinguishable_share(K, sizes),
+                            total_count=total_count, heads=heads)
+    return order, passes
+
+
+def measure_collisions_reference(ngrams_by_order: dict[int, np.ndarray], counts_by_order: dict[int, np.ndarray],
+                                 plan: TablePlan) -> CollisionReport:
+    """The plain reference of :func:`measure_collisions`: all heads' slots through
+    :func:`hash_keys_reference`, each key's slot load looked up per head, the indistinguishable
+    keys from :func:`shared_in_all_heads` on the whole [H, K] slot array."""
+    _check_inputs(ngrams_by_order, counts_by_order, plan)
+    result: list[OrderCollisions] = []
     for layer in plan.layer_ids:
-        for n in orders:
+        for n in sorted(ngrams_by_order):
             keys = np.asarray(ngrams_by_order[n])
             counts = np.asarray(counts_by_order[n], dtype=np.int64)   # (K,)
             K = keys.shape[0]
             total_count = int(counts.sum())
             sizes = list(plan.primes[layer][n - 2])
-            slots = hash_keys(keys, plan, layer, n)                    # (H_n, K)
+            slots = hash_keys_reference(keys, plan, layer, n)          # (H_n, K)
             heads = []
-            first_loads = None
             for j, m in enumerate(sizes):
                 key_loads, occupied, max_load = _slot_loads(slots[j], m)
-                if j == 0:
-                    first_loads = key_loads
                 shared = key_loads >= 2                                # (K,)
                 heads.append(HeadCollisions(
                     layer=layer, n=n, head=j, head_index=(n - 2) * plan.n_head_per_ngram + j, keys=K,
@@ -407,19 +563,18 @@ def measure_collisions(ngrams_by_order: dict[int, np.ndarray], counts_by_order: 
                     colliding_weighted=int(counts[shared].sum()), max_load=max_load,
                     occupied_pred=expected_occupied(K, m), colliding_share_pred=expected_colliding_share(K, m),
                     max_load_pred=expected_max_load(K, m), total_count=total_count))
-            tied = shared_in_all_heads(slots, sizes, first_loads)     # (K,) bool
+            tied = shared_in_all_heads(slots, sizes)                   # (K,) bool
             result.append(OrderCollisions(
                 layer=layer, n=n, keys=K, indistinguishable=int(np.count_nonzero(tied)),
                 indistinguishable_weighted=int(counts[tied].sum()),
                 indistinguishable_share_pred=expected_indistinguishable_share(K, sizes),
                 total_count=total_count, heads=heads))
-            progress("collisions", len(result), total, layer=layer, n=n)
     return CollisionReport(orders=result)
 
 
 def sweep_collisions(ngrams_by_order: dict[int, np.ndarray], counts_by_order: dict[int, np.ndarray],
                      plan: TablePlan, sizes: list[int], *, layer_id: int | None = None, n_heads: int = 2,
-                     progress: ProgressFn | None = None) -> list[dict[str, Any]]:
+                     progress: ProgressFn | None = None, num_threads: int | None = None) -> list[dict[str, Any]]:
     """Collision rate vs table size for one layer (default: the plan's first), measured and predicted.
 
     For each target size t in ``sizes`` a plan like ``plan`` but with ``n_heads`` heads per order
@@ -440,7 +595,7 @@ def sweep_collisions(ngrams_by_order: dict[int, np.ndarray], counts_by_order: di
             plan, layer_ids=(layer,), n_head_per_ngram=n_heads, target_sizes=targets,
             multipliers={layer: plan.multipliers[layer]},
             primes=make_primes((layer,), plan.max_ngram_size, n_heads, targets))
-        report_ = measure_collisions(ngrams_by_order, counts_by_order, small)
+        report_ = measure_collisions(ngrams_by_order, counts_by_order, small, num_threads=num_threads)
         for o in report_.orders:
             hs = o.heads
             rows.append({
@@ -496,13 +651,25 @@ def plot_sweep(rows: list[dict[str, Any]], path_png: str | os.PathLike) -> list[
     return warnings
 
 
+def slot_load_hist(keys: np.ndarray, plan: TablePlan, layer_id: int, n: int, head: int = 0) -> np.ndarray:
+    """Slots holding L keys (L = 0..max load) in one head of order n: what the picture shows."""
+    m = plan.primes[plan._layer(layer_id)][n - 2][head]
+    slots = mix_slots(key_mix(keys, plan.multipliers[layer_id]), m)
+    _, loads = np.unique(slots, return_counts=True)           # loads of the occupied slots
+    hist = np.bincount(loads, minlength=1)                    # slots with load L, L = 0..max
+    hist[0] = m - loads.shape[0]                              # empty slots
+    return hist
+
+
 def plot_slot_load_histogram(ngrams_by_order: dict[int, np.ndarray], plan: TablePlan,
-                             path_png: str | os.PathLike, *, layer_id: int | None = None, head: int = 0) -> list[str]:
+                             path_png: str | os.PathLike, *, layer_id: int | None = None, head: int = 0,
+                             hists: dict[int, np.ndarray] | None = None) -> list[str]:
     """Slots per load (keys in a slot) for one head of each order, with the uniform prediction.
 
-    Bars: measured number of slots holding L keys; line: m * P[Binomial(k, 1/m) = L], computed in
-    log space. Log y axis, so the tail of heavily loaded slots stays visible. Returns the
-    plotting warnings.
+    Bars: measured number of slots holding L keys (``hists``, per order, when already measured:
+    :attr:`TableMeasurement.slot_load_hist`; else :func:`slot_load_hist`); line: m * P[Binomial(k,
+    1/m) = L], computed in log space. Log y axis, so the tail of heavily loaded slots stays
+    visible. Returns the plotting warnings.
     """
     layer = plan.layer_ids[0] if layer_id is None else plan._layer(layer_id)
     orders = _check_inputs(ngrams_by_order, None, plan)
@@ -512,10 +679,7 @@ def plot_slot_load_histogram(ngrams_by_order: dict[int, np.ndarray], plan: Table
             keys = np.asarray(ngrams_by_order[n])
             K = keys.shape[0]
             m = plan.primes[layer][n - 2][head]
-            slots = hash_keys(keys, plan, layer, n)[head]
-            _, loads = np.unique(slots, return_counts=True)           # loads of the occupied slots
-            hist = np.bincount(loads, minlength=1)                    # slots with load L, L = 0..max
-            hist[0] = m - loads.shape[0]                              # empty slots
+            hist = hists[n] if hists is not None else slot_load_hist(keys, plan, layer, n, head)
             L = np.arange(hist.shape[0])
             ax.bar(L, hist, width=0.8, color="C0", alpha=0.7, label="measured")
             Lp = np.arange(max(hist.shape[0], 1) + 2)
@@ -525,17 +689,22 @@ def plot_slot_load_histogram(ngrams_by_order: dict[int, np.ndarray], plan: Table
                 log_pmf = log_choose + Lp * math.log(1 / m) + (K - Lp) * math.log1p(-1 / m)
             ax.plot(Lp, m * np.exp(log_pmf), "-o", color="C1", markersize=3, label="uniform hashing")
             ax.set_yscale("log")
+            ax.set_ylim(bottom=0.1)                                   # below 0.1 slot the prediction says nothing
+            plotting.log_axis(ax.yaxis)
             ax.set_xlabel("keys in a slot (load)")
             ax.set_ylabel("number of slots")
-            ax.set_title(f"{n}-grams, layer {layer} head {head}\n{K:,} keys in {m:,} slots", fontsize=_FONT_SIZE)
-            ax.legend(fontsize=_FONT_SIZE - 1)
-        fig.tight_layout()
-        warnings += plotting.save(fig, path_png)
+            ax.set_title(f"{n}-grams, layer {layer} head {head}\n{K:,} keys in {m:,} slots", fontsize=_FONT_SIZE,
+                         y=1.0)                                       # a fixed place: no layout pass
+            ax.legend(fontsize=_FONT_SIZE - 1, loc="upper right")
+        plotting.margins(fig, left=0.6, right=0.15, bottom=0.45, top=0.5, wspace=0.7)
+        warnings += plotting.save(fig, path_png, crop=False)
     return warnings
 
 
 __all__ = [
     "CollisionReport", "OrderCollisions", "HeadCollisions", "ROW_COLUMNS", "measure_collisions",
     "sweep_collisions", "plot_sweep", "plot_slot_load_histogram", "hash_keys", "shared_in_all_heads",
+    "TableMeasurement", "measure_tables", "measure_collisions_reference", "hash_keys_reference", "key_mix",
+    "mix_slots", "slot_load_hist",
     "expected_occupied", "expected_max_load", "expected_indistinguishable_share",
 ]

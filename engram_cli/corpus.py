@@ -558,6 +558,8 @@ def _encode(tokenizer, batch: list[str], batch_bytes: int) -> list[np.ndarray]:
         pieces += parts
         owner += [j] * len(parts)
     ids: list[list[np.ndarray]] = [[] for _ in batch]
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets, which nothing here reads
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     start = 0
     while start < len(pieces):
         end, size = start, 0
@@ -565,7 +567,7 @@ def _encode(tokenizer, batch: list[str], batch_bytes: int) -> list[np.ndarray]:
             size += len(pieces[end])
             end += 1
         try:
-            encodings = tokenizer.encode_batch(pieces[start:end], add_special_tokens=False)
+            encodings = encode(pieces[start:end], add_special_tokens=False)
         except Exception as e:  # noqa: BLE001 - the tokenizer's own error, reported in one line
             raise InputError(f"the tokenizer cannot encode this corpus: {_first_line(e)}",
                              "use a tokenizer that encodes any text (a WordLevel model needs an unk_token)") from e

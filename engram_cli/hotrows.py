@@ -73,37 +73,46 @@ def _slot_sums(slots: np.ndarray, counts: np.ndarray, size: int) -> np.ndarray:
     return np.add.reduceat(counts[order], starts).astype(np.int64)
 
 
-def cache_curve(heat: np.ndarray, rows: int, points: int = 64) -> tuple[list[int], list[float]]:
-    """(K, share of lookups served by the K hottest rows) at log-spaced K from 10^3 to ``rows``."""
-    hot = np.sort(heat)[::-1]
-    cum = np.cumsum(hot, dtype=np.float64)
+def _served(heat: np.ndarray) -> np.ndarray:
+    """Lookups served by the k hottest rows, k = 1..len(heat): the cumulative sum of the heats
+    sorted hottest first (float64)."""
+    return np.cumsum(np.sort(heat)[::-1], dtype=np.float64)
+
+
+def cache_curve(heat: np.ndarray, rows: int, points: int = 64, *, served: np.ndarray | None = None
+                ) -> tuple[list[int], list[float]]:
+    """(K, share of lookups served by the K hottest rows) at log-spaced K from 10^3 to ``rows``.
+    ``served`` is ``_served(heat)`` when already computed."""
+    cum = _served(heat) if served is None else served
     total = float(cum[-1]) if cum.size else 0.0
     start = min(1000, rows)
     ks = np.unique(np.geomspace(start, rows, points).astype(np.int64)) if rows > start else np.array([rows])
-    served = [float(cum[min(k, cum.size) - 1]) / total if total and cum.size else 0.0 for k in ks]
-    return ks.tolist(), served
+    served_k = [float(cum[min(k, cum.size) - 1]) / total if total and cum.size else 0.0 for k in ks]
+    return ks.tolist(), served_k
 
 
-def rows_for_share(heat: np.ndarray, share: float) -> int:
+def rows_for_share(heat: np.ndarray, share: float, *, served: np.ndarray | None = None) -> int:
     """The smallest number of hottest rows that serve at least ``share`` of the lookups."""
-    hot = np.sort(heat)[::-1]
-    cum = np.cumsum(hot, dtype=np.float64)
+    cum = _served(heat) if served is None else served
     if not cum.size or cum[-1] == 0:
         return 0
     return int(np.searchsorted(cum, share * cum[-1] - 1e-9 * cum[-1]) + 1)
 
 
 def hot_row_curves(ngrams_by_order: dict[int, np.ndarray], counts_by_order: dict[int, np.ndarray], plan: TablePlan,
-                   progress: ProgressFn | None = None) -> list[HotRowCurve]:
-    """One :class:`HotRowCurve` per Engram layer of ``plan``."""
+                   progress: ProgressFn | None = None, *, heat: dict[int, np.ndarray] | None = None) -> list[HotRowCurve]:
+    """One :class:`HotRowCurve` per Engram layer of ``plan``. ``heat`` (layer -> row heats) when
+    already measured (:attr:`engram_cli.collisions.TableMeasurement.row_heat`), else :func:`row_heat`."""
     progress = report(progress)
     curves = []
     for i, layer in enumerate(plan.layer_ids):
-        heat = row_heat(ngrams_by_order, counts_by_order, plan, layer)
+        h = heat[layer] if heat is not None else row_heat(ngrams_by_order, counts_by_order, plan, layer)
         rows = plan.total_slots(layer)
-        k, share = cache_curve(heat, rows)
-        curves.append(HotRowCurve(layer=layer, rows=rows, lookups=int(heat.sum()), used_rows=int(heat.size),
-                                  k=k, share=share, rows_for={s: rows_for_share(heat, s) for s in HEADLINE_SHARES}))
+        served = _served(h)                                        # one sort per layer
+        k, share = cache_curve(h, rows, served=served)
+        curves.append(HotRowCurve(layer=layer, rows=rows, lookups=int(h.sum()), used_rows=int(h.size), k=k,
+                                  share=share,
+                                  rows_for={s: rows_for_share(h, s, served=served) for s in HEADLINE_SHARES}))
         progress("hot rows", i + 1, len(plan.layer_ids), layer=layer)
     return curves
 
@@ -137,15 +146,16 @@ def plot_hot_rows(curves: list[HotRowCurve], dtype: str, plan: TablePlan, path_p
                     ax.annotate(f"{_count(n)} rows, {_size(n * rb)}", (n, s), textcoords="offset points",
                                 xytext=(4, -10), fontsize=6.5, color=f"C{i}")
         ax.set_xscale("log")
+        plotting.log_axis(ax.xaxis)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("cache size: hottest rows kept on the device")
         ax.set_ylabel("share of lookups served")
         ax.set_title(f"Hot-row cache: lookups served by the K hottest rows ({dtype} rows of "
-                     f"{plan.embed_dim_per_head} dims)")
+                     f"{plan.embed_dim_per_head} dims)", y=1.0)                 # a fixed place: no layout pass
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        warnings += plotting.save(fig, path_png)
+        ax.legend(loc="lower right")
+        plotting.margins(fig, left=0.55, right=0.2, bottom=0.45, top=0.3)
+        warnings += plotting.save(fig, path_png, crop=False)
     return warnings
 
 

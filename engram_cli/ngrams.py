@@ -53,6 +53,7 @@ STATS_FILE = "ngram_stats.json"
 MAX_ORDER = 8                      # highest order counted; orders needing 3+ words are slower
 
 _EXTRACT_TOKENS = 1 << 20          # queued tokens per key computation (~8 MB per array)
+_DENSE_UNIGRAM_IDS = 1 << 22       # vocabularies up to this size count 1-grams in an array (32 MiB)
 _MERGE_WINDOW_ENTRIES = 1 << 22    # entries of all windows together in a k-way merge
 _MIN_WINDOW = 1 << 12              # smallest window per run
 _MAX_MEMORY_RUNS = 16              # more runs of one order in memory are merged into one
@@ -491,7 +492,7 @@ class NgramStats:
                 raise ArtifactError(f"{directory} is incomplete: {path.name} is missing",
                                     f"recreate it with `{producer} --force`")
             try:
-                table = pq.read_table(path)
+                table = pq.ParquetFile(path).read()  # not read_table: that imports pandas (~1 s)
             except (pa.ArrowException, OSError) as e:
                 raise ArtifactError(f"{path} is not a readable Parquet file",
                                     f"recreate it with `{producer} --force`") from e
@@ -575,17 +576,35 @@ def merge_stats(parts: Sequence[NgramStats]) -> NgramStats:
 # the counter
 
 
+def counter_sizes(memory_limit: int | None, max_n: int, vocab_size: int) -> dict[str, int]:
+    """:class:`NgramCounter` options that keep its buffers and runs within ``memory_limit`` bytes
+    (None: the defaults): a quarter for the key buffers (8 bytes per word of every order counted
+    by sorting, per token), another quarter for reducing one of them, half for the sorted runs
+    kept in memory before they spill to disk. The result of the count is not included: it is
+    ``8 (n + 1)`` bytes per distinct n-gram of order n, whatever the limit."""
+    if memory_limit is None:
+        return {}
+    if memory_limit < 1 << 20:
+        raise ConfigError(f"a memory limit of {memory_limit} bytes is too small to count in",
+                          "give at least 1 MiB, e.g. --memory-limit 2GB")
+    bits = id_bits(vocab_size)
+    dense = vocab_size <= _DENSE_UNIGRAM_IDS
+    per_token = 8 * sum(KeyLayout(n, bits).words for n in range(1 + dense, max_n + 1))
+    return {"buffer_tokens": max(1024, memory_limit // 4 // max(per_token, 8)), "spill_bytes": memory_limit // 2}
+
+
 class NgramCounter:
     """Counts N-grams of orders 1..max_n over documents of canonical ids, in bounded memory.
 
     >>> counter = NgramCounter(3, vocab_size=vm.canonical_vocab_size)   # doctest: +SKIP
     >>> for batch in iter_tokenized(spec, tok, stats=cstats):            # doctest: +SKIP
-    ...     counter.add_many(vm.table[ids] for ids in batch)
+    ...     counter.add_many(vm.table[ids] for ids in batch)             # or add_batch(ids, lengths)
     >>> stats = counter.finish(progress)                                 # doctest: +SKIP
 
-    Memory: about ``8 * words * max_n`` bytes per buffered token (``buffer_tokens``) during
+    Memory: about ``8 * words`` bytes per order and buffered token (``buffer_tokens``) during
     buffering, up to twice that while a buffer is reduced, plus the in-memory runs (at most
-    ``spill_bytes``), plus the final result.
+    ``spill_bytes``), plus the final result; :func:`counter_sizes` derives both from one limit.
+    1-grams of a vocabulary up to ``_DENSE_UNIGRAM_IDS`` ids are counted in one array instead.
     """
 
     def __init__(self, max_n: int = 3, *, vocab_size: int, spill_dir: str | os.PathLike | None = None,
@@ -608,7 +627,11 @@ class NgramCounter:
         self.layouts = {n: KeyLayout(n, bits) for n in range(1, max_n + 1)}
         self._spill_parent = Path(spill_dir) if spill_dir is not None else None
         self._spill_path: Path | None = None
-        self._pending: list[np.ndarray] = []
+        # 1-grams of a vocabulary that fits an array are counted there (np.bincount), not sorted
+        self._unigrams = np.zeros(self.vocab_size, np.int64) if self.vocab_size <= _DENSE_UNIGRAM_IDS else None
+        self._keyed = {n: lay for n, lay in self.layouts.items() if n > 1 or self._unigrams is None}
+        self._pending: list[np.ndarray] = []          # queued ids, documents one after another
+        self._pending_lengths: list[np.ndarray] = []  # their document lengths
         self._pending_tokens = 0
         self._buffers: dict[int, list[np.ndarray]] = {n: [] for n in self.layouts}
         self._buffered = 0
@@ -621,40 +644,64 @@ class NgramCounter:
 
     def add(self, doc_ids) -> None:
         """Queue one document's canonical ids (1-D integer array)."""
-        if self._finished:
-            raise RuntimeError("NgramCounter.add after finish")
         ids = np.asarray(doc_ids)
         if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
             raise InputError(f"a document must be a 1-D integer array, got {ids.dtype} {ids.shape}",
                              "pass one document's canonical ids at a time")
-        self.documents += 1
-        if ids.size == 0:
-            return
-        self._pending.append(ids)
-        self._pending_tokens += ids.size
-        self.tokens += ids.size
-        if self._pending_tokens >= min(_EXTRACT_TOKENS, self.buffer_tokens):
-            self._extract()
+        self._queue(ids, np.array([ids.size], dtype=np.int64))
 
     def add_many(self, docs: Iterable) -> None:
         """Queue several documents (each a 1-D array of canonical ids)."""
         for d in docs:
             self.add(d)
 
+    def add_batch(self, ids, lengths) -> None:
+        """Queue several documents at once: ``ids`` holds their canonical ids one after another
+        (1-D integers), ``lengths`` each document's length (0 for an empty document).
+
+        The same counts as :meth:`add` per document, without a Python step per document: what
+        ``build-tables`` uses for a tokenizer batch (corpora read by line have millions of them).
+        """
+        ids, lengths = np.asarray(ids), np.asarray(lengths)
+        if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+            raise InputError(f"a batch must be a 1-D integer array of ids, got {ids.dtype} {ids.shape}",
+                             "pass the documents' canonical ids concatenated, and their lengths")
+        if lengths.ndim != 1 or (lengths.size and (not np.issubdtype(lengths.dtype, np.integer)
+                                                   or int(lengths.min()) < 0)) or int(lengths.sum()) != ids.size:
+            raise InputError(f"the document lengths ({lengths.size} values, sum {int(lengths.sum())}) do not "
+                             f"split the batch's {ids.size} ids", "pass one non-negative length per document")
+        self._queue(ids, lengths.astype(np.int64, copy=False))
+
+    def _queue(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        if self._finished:
+            raise RuntimeError("NgramCounter.add after finish")
+        self.documents += lengths.shape[0]
+        if ids.size == 0:
+            return
+        self._pending.append(ids)
+        self._pending_lengths.append(lengths)
+        self._pending_tokens += ids.size
+        self.tokens += ids.size
+        if self._pending_tokens >= min(_EXTRACT_TOKENS, self.buffer_tokens):
+            self._extract()
+
     def _extract(self) -> None:
         if not self._pending:
             return
-        lengths = np.fromiter((a.size for a in self._pending), dtype=np.int64, count=len(self._pending))
+        lengths = np.concatenate(self._pending_lengths)
         flat = np.concatenate(self._pending)
-        self._pending, self._pending_tokens = [], 0
+        self._pending, self._pending_lengths, self._pending_tokens = [], [], 0
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
             raise InputError(f"id {bad} is outside the canonical vocabulary 0..{self.vocab_size - 1}",
                              "map tokenizer ids to canonical ids (the vocab map) before counting")
-        keys = stream_keys(flat.astype(np.uint64), lengths, self.layouts)
-        for n, k in keys.items():
-            self._buffers[n].append(k)
+        if self._unigrams is not None:
+            self._unigrams += np.bincount(flat, minlength=self.vocab_size)
+        if self._keyed:
+            keys = stream_keys(flat.astype(np.uint64), lengths, self._keyed)
+            for n, k in keys.items():
+                self._buffers[n].append(k)
         self._buffered += flat.size
         if self._buffered >= self.buffer_tokens:
             self._flush()
@@ -716,6 +763,11 @@ class NgramCounter:
                                documents=self.documents, tokens=self.tokens)
             for n, layout in self.layouts.items():
                 progress("merge", n - 1, self.max_n, order=n)
+                if n not in self._keyed:  # 1-grams counted in an array: already unique, in id order
+                    ids = np.flatnonzero(self._unigrams).astype(np.uint64)
+                    stats.ngrams[n], stats.counts[n] = _sorted_stats(layout, ids.reshape(-1, 1),
+                                                                     self._unigrams[ids.view(np.int64)])
+                    continue
                 runs = self._disk_runs[n] + self._memory_runs[n]
                 if len(runs) == 1 and not runs[0].files:  # one run in memory: nothing to merge
                     keys, counts = runs[0].keys, runs[0].counts

@@ -53,6 +53,9 @@ SWEEP_PNG = "collision_sweep.png"
 SWEEP_FILE = "collision_sweep.parquet"
 HOT_ROWS_FILE = "hot_rows.parquet"
 HOT_ROWS_PNG = "hot_rows.png"
+#: what writing an engram.tables artifact imports (loaded during counting: import_in_background)
+_REPORT_MODULES = ("engram_cli.collisions", "engram_cli.hotrows", "engram_cli.presets", "matplotlib.figure",
+                   "matplotlib.backends.backend_agg", "matplotlib.ticker")
 
 
 @dataclass
@@ -81,6 +84,9 @@ class BuildTablesConfig:
     top_ngrams: int = 20                         # most frequent n-grams listed per order in the report
     sweep: bool = False                          # measure collision rate vs table size and plot it
     spill_dir: Path | None = None                # where partial counts spill (default: a temp dir)
+    memory_limit: int | None = None              # bytes for counting buffers + in-memory runs (None: 8M-token
+                                                 # buffers, 1 GiB of runs; ngrams.counter_sizes)
+    threads: int | None = None                   # threads measuring collisions (None: the available CPUs)
     batch_size: int = 1024                       # documents per tokenizer batch (see docs/corpus.md)
     force: bool = False
 
@@ -223,6 +229,9 @@ def _check_config(c: BuildTablesConfig) -> None:
          f"--target-collision-rate must be in (0, 1), got {c.target_collision_rate}", "e.g. --target-collision-rate 0.05")
     need(c.memory_budget is None or c.memory_budget > 0, f"--memory-budget must be positive, got {c.memory_budget}",
          "e.g. --memory-budget 2GB")
+    need(c.memory_limit is None or c.memory_limit >= 1 << 20,
+         f"a memory limit of {c.memory_limit} bytes is too small to count in", "give at least 1 MiB, e.g. --memory-limit 2GB")
+    need(c.threads is None or c.threads >= 1, f"--threads must be at least 1, got {c.threads}", "e.g. --threads 8")
     row_bytes(c.dtype, c.embed_dim_per_head)
     if c.plan_only:
         need(c.corpus is None and not c.from_shards, "--plan-only reads no corpus, but one was given",
@@ -280,18 +289,42 @@ def prefetch(iterator, depth: int = 2):
                 thread.join(0.05)
 
 
+def import_in_background(*modules: str) -> None:
+    """Import ``modules`` in a daemon thread, so that libraries needed after counting (Parquet,
+    matplotlib: about a second together) load while the tokenizer runs rather than after it. An
+    import already in progress makes a second import of the module wait for it; a failing import
+    is left for the real one to report."""
+    import importlib
+    import threading
+
+    def run() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - reported where the module is used
+                pass
+
+    threading.Thread(target=run, name="engram-imports", daemon=True).start()
+
+
 def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, progress: ProgressFn):
     from engram_cli.corpus import CorpusStats, corpus_fingerprint, empty_corpus_error, iter_tokenized
-    from engram_cli.ngrams import NgramCounter
+    from engram_cli.ngrams import NgramCounter, counter_sizes
 
     spec = config.corpus
+    # pyarrow imports pandas (when installed) at its first conversion of a NumPy array
+    import_in_background("pyarrow.parquet", "pandas", "pyarrow.pandas_compat",
+                         *(() if config.shard is not None else _REPORT_MODULES))
     fingerprint = corpus_fingerprint(spec)
     stats = CorpusStats()
-    counter = NgramCounter(config.max_ngram_size, vocab_size=vocab.canonical_vocab_size, spill_dir=config.spill_dir)
+    counter = NgramCounter(config.max_ngram_size, vocab_size=vocab.canonical_vocab_size, spill_dir=config.spill_dir,
+                           **counter_sizes(config.memory_limit, config.max_ngram_size, vocab.canonical_vocab_size))
     batches = iter_tokenized(spec, tok.tokenizer, stats=stats, batch_size=config.batch_size, progress=progress)
     for batch in prefetch(batches):
-        # tokenizer ids are always < vocab size, so the table is indexed without a range check
-        counter.add_many(vocab.table[ids] for ids in batch)
+        # one step per batch, not per document; tokenizer ids are always < vocab size, so the
+        # table is indexed without a range check
+        lengths = np.fromiter((a.shape[0] for a in batch), dtype=np.int64, count=len(batch))
+        counter.add_batch(vocab.table[np.concatenate(batch)] if batch else np.zeros(0, np.int64), lengths)
     if stats.tokens == 0:
         raise empty_corpus_error(spec, stats)
     ngrams = counter.finish(progress=progress)
@@ -485,7 +518,7 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engram_cli.collisions import measure_collisions
+    from engram_cli.collisions import measure_tables
     from engram_cli.hashing import TABLE_DTYPES
     from engram_cli.hotrows import cache_lines, hot_row_curves, plot_hot_rows
     from engram_cli.presets import check_published_rows
@@ -495,14 +528,17 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
     published = check_published_rows(config.preset, {layer: plan.total_slots(layer) for layer in plan.layer_ids})
     by_order = {n: ngrams.ngrams[n] for n in range(2, config.max_ngram_size + 1)}
     counts = {n: ngrams.counts[n] for n in range(2, config.max_ngram_size + 1)}
-    collisions = measure_collisions(by_order, counts, plan, progress=progress)
-    hot = hot_row_curves(by_order, counts, plan, progress=progress)
+    # one hashing pass gives the collision figures, the rows' heat and the slot-load histogram
+    measured = measure_tables(by_order, counts, plan, progress=progress, num_threads=config.threads)
+    collisions = measured.collisions
+    hot = hot_row_curves(by_order, counts, plan, progress=progress, heat=measured.row_heat)
     hot_lines = cache_lines(hot, plan, config.dtype)
     top = top_ngrams(ngrams, vocab, config.max_ngram_size, config.top_ngrams)
     with artifact_dir(config.out, "engram.tables", force=config.force) as w:
         plan.save(w.path(PLAN_FILE))
         ngrams.save(w.path(NGRAMS_DIR))
-        sweep_rows = _write_reports(w, config, plan, by_order, counts, top, collisions, progress)
+        sweep_rows = _write_reports(w, config, plan, by_order, counts, top, collisions, measured.slot_load_hist,
+                                    progress)
         pq.write_table(pa.Table.from_pylist([r for c in hot for r in c.to_rows()]), w.path(HOT_ROWS_FILE))
         plot_hot_rows(hot, config.dtype, plan, w.path(HOT_ROWS_PNG))
         w.config, w.inputs = config.resolved(), inputs
@@ -562,7 +598,7 @@ def _plan_only(config: BuildTablesConfig, vocab: VocabMap, tok, t0: float) -> Bu
                              published_rows=published)
 
 
-def _write_reports(w, config: BuildTablesConfig, plan: TablePlan, by_order, counts, top, collisions,
+def _write_reports(w, config: BuildTablesConfig, plan: TablePlan, by_order, counts, top, collisions, hists,
                    progress: ProgressFn) -> list[dict] | None:
     """The artifact's tables and pictures: top n-grams, collision rows, slot loads, the sweep."""
     import pyarrow as pa
@@ -575,10 +611,10 @@ def _write_reports(w, config: BuildTablesConfig, plan: TablePlan, by_order, coun
     pq.write_table(pa.Table.from_pylist(collisions.to_rows()), w.path(COLLISIONS_FILE))
     n_plots = 2 if config.sweep else 1
     progress("plots", 0, n_plots)
-    plot_slot_load_histogram(by_order, plan, w.path(SLOT_LOAD_PNG))
+    plot_slot_load_histogram(by_order, plan, w.path(SLOT_LOAD_PNG), hists=hists)
     sweep_rows = None
     if config.sweep:
-        sweep_rows = sweep_collisions(by_order, counts, plan, _sweep_sizes(plan))
+        sweep_rows = sweep_collisions(by_order, counts, plan, _sweep_sizes(plan), num_threads=config.threads)
         pq.write_table(pa.Table.from_pylist(sweep_rows), w.path(SWEEP_FILE))
         plot_sweep(sweep_rows, w.path(SWEEP_PNG))
     progress("plots", n_plots, n_plots)

@@ -90,14 +90,14 @@ def load_tokenizer(spec: str | os.PathLike | None = None) -> LoadedTokenizer:
         data = path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read tokenizer file {path}: {e.strerror}", "check the path and permissions") from e
-    try:
-        json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON, so it is not a tokenizer.json",
-                         "pass a Hugging Face tokenizers tokenizer.json file") from e
-    try:
+    try:  # the Rust parser checks the JSON itself; Python's (0.2 s for DeepSeek's) only names the error
         tok = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:
+        try:
+            json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e2:
+            raise InputError(f"{path} is not valid JSON, so it is not a tokenizer.json",
+                             "pass a Hugging Face tokenizers tokenizer.json file") from e2
         raise InputError(f"{path} is JSON but not a tokenizers tokenizer ({str(e).splitlines()[0][:80]})",
                          "pass a Hugging Face tokenizers tokenizer.json file") from e
     return LoadedTokenizer(tokenizer=tok, source=str(path), fingerprint=sha256_bytes(data),

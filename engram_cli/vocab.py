@@ -237,7 +237,8 @@ class VocabMap:
 
             path = Path(self.source) / CANONICAL_FILE
             try:
-                t = pq.read_table(path, columns=["canonical_id", "key"])
+                # ParquetFile, not read_table: read_table loads pyarrow.dataset, which imports pandas (~1 s)
+                t = pq.ParquetFile(path).read(columns=["canonical_id", "key"])
             except (OSError, KeyError, ValueError) as e:
                 raise ArtifactError(f"{path} is not a readable canonical vocabulary ({e.__class__.__name__})",
                                     "recreate it with `engram normalize-vocab --force`") from e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -118,6 +119,28 @@ def test_shards_merge_to_one_run(tmp_path, vocab_dir):
         build_tables(BuildTablesConfig(out=tmp_path / "m2", vocab=vocab_dir, from_shards=[tmp_path / "s0"]))
 
 
+def test_memory_limit_and_threads_change_nothing_but_the_speed(tmp_path, vocab_dir, monkeypatch):
+    """1 MiB for counting forces small buffers and spilled runs; one thread measures alone: the
+    artifact's counts and figures are those of the default run."""
+    sources = [ZH, *SOTU[:3]]
+    base = dict(vocab=vocab_dir, target_size=10_007, layer_ids=(1,), n_head_per_ngram=2)
+    one = build_tables(BuildTablesConfig(out=tmp_path / "one", corpus=CorpusSpec(sources), **base))
+    monkeypatch.setenv("RAYON_NUM_THREADS", "0")            # restored afterwards; the CLI sets it
+    r = runner.invoke(app, ["build-tables", *sources, "--vocab", str(vocab_dir), "--out", str(tmp_path / "small"),
+                            "--target-size", "10007", "--layers", "1", "--heads-per-ngram", "2",
+                            "--memory-limit", "1MiB", "--threads", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert os.environ["RAYON_NUM_THREADS"] == "1"
+    manifest = json.loads((tmp_path / "small" / "manifest.json").read_text())
+    assert manifest["config"]["memory_limit"] == 2**20 and manifest["config"]["threads"] == 1
+    for n in (1, 2, 3):
+        a = pq.read_table(tmp_path / "one" / "ngrams" / f"ngrams_{n}.parquet")
+        assert a.equals(pq.read_table(tmp_path / "small" / "ngrams" / f"ngrams_{n}.parquet"))
+    for f in ("collisions.parquet", "hot_rows.parquet", "top_ngrams.parquet"):
+        assert pq.read_table(tmp_path / "one" / f).equals(pq.read_table(tmp_path / "small" / f))
+    assert one.tokens > 100_000  # more than the 16k-token buffers of 1 MiB: several runs, spilled
+
+
 def test_plan_slots_are_the_model_hashing(sample_tables, vocab, deepseek):
     """The slots the tables were measured with are what hash_ngrams gives on real text."""
     t = load_tables(sample_tables)
@@ -147,6 +170,8 @@ def one_line_error(args, *needles):
     (["--target-size", "0"], ["--target-size must be positive"]),
     (["--memory-budget", "100"], ["too small"]),
     (["--memory-budget", "lots"], ["not a size"]),
+    (["--memory-limit", "lots"], ["--memory-limit 'lots' is not a size"]),
+    (["--memory-limit", "1000"], ["too small to count in", "--memory-limit"]),
     (["--shard", "3/2"], ["impossible"]),
     (["--dtype", "fp16"], ["--dtype"]),
     (["--text-column", "body"], ["no column 'body'", "--text-column"]),

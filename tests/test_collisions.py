@@ -16,10 +16,14 @@ from engram_cli.collisions import (
     expected_max_load,
     expected_occupied,
     hash_keys,
+    hash_keys_reference,
     measure_collisions,
+    measure_collisions_reference,
+    measure_tables,
     plot_slot_load_histogram,
     plot_sweep,
     shared_in_all_heads,
+    slot_load_hist,
     sweep_collisions,
 )
 from engram_cli.errors import InputError
@@ -99,11 +103,65 @@ def test_hash_keys_is_the_slot_at_the_end_of_the_ngram_in_a_sequence():
             assert got[:, i].tolist() == brute_slots(tuple(int(x) for x in key), plan, 5)
 
 
-def test_hash_keys_in_several_blocks(monkeypatch):
+def test_hash_keys_reference_in_several_blocks(monkeypatch):
     plan, ngrams, _ = small_setup(5)
     whole = hash_keys(ngrams[3], plan, 0, 3)
     monkeypatch.setattr(collisions, "_HASH_ROWS", 7)
-    assert np.array_equal(hash_keys(ngrams[3], plan, 0, 3), whole)
+    assert np.array_equal(hash_keys_reference(ngrams[3], plan, 0, 3), whole)
+
+
+@pytest.mark.parametrize("vocab, id_high", [(40, 40), (98_304, 98_304), (50, 2**40)])
+def test_hash_keys_equals_the_reference(vocab, id_high):
+    # id_high beyond the vocabulary: products wrap around and mixes go negative (the signed path)
+    plan = make_plan(canonical_vocab_size=vocab, canonical_pad_id=1, original_vocab_size=vocab,
+                     layer_ids=(0, 5), n_head_per_ngram=3, target_sizes=(23, 1009, 97), max_ngram_size=4)
+    rng = np.random.default_rng(vocab)
+    for n in (2, 3, 4):
+        keys = rng.integers(0, id_high, (500, n))
+        for layer in (0, 5):
+            assert np.array_equal(hash_keys(keys, plan, layer, n), hash_keys_reference(keys, plan, layer, n))
+    if id_high > vocab:
+        assert (collisions.key_mix(rng.integers(0, id_high, (100, 3)), plan.multipliers[0]) < 0).any()
+
+
+@pytest.mark.parametrize("targets, threads", [((23, 29), 1), ((23, 29), 3), ((2**33, 2**34), 2)])
+def test_measure_collisions_equals_the_reference(targets, threads):
+    # 2**33 slots for 150 keys: the sorted (sparse) path instead of a count per slot
+    plan, ngrams, counts = small_setup(3, targets=targets)
+    fast = measure_collisions(ngrams, counts, plan, num_threads=threads)
+    assert fast == measure_collisions_reference(ngrams, counts, plan)
+
+
+def test_keys_tied_in_every_head_are_the_keys_of_equal_mixes():
+    # 8 heads of ~1000 slots: the primes' product exceeds 2^64, so only equal mixes tie (CRT)
+    import dataclasses
+
+    plan = make_plan(canonical_vocab_size=300, canonical_pad_id=0, original_vocab_size=300, layer_ids=(0,),
+                     n_head_per_ngram=8, target_sizes=(1000, 1000))
+    assert math.prod(plan.primes[0][0]) >= 2**64
+    m = plan.multipliers[0]
+    plan = dataclasses.replace(plan, multipliers={0: (m[0], 0, m[2])})  # the older token ignored: ties
+    rng = np.random.default_rng(11)
+    ngrams = {2: random_keys(rng, 2, 500, 300), 3: random_keys(rng, 3, 500, 300)}
+    counts = {n: rng.integers(1, 9, k.shape[0]) for n, k in ngrams.items()}
+    fast = measure_collisions(ngrams, counts, plan)
+    assert fast == measure_collisions_reference(ngrams, counts, plan)
+    assert all(o.indistinguishable > 0 for o in fast.orders)
+
+
+@pytest.mark.parametrize("targets", [(23, 29), (2**33, 2**34)])
+def test_measure_tables_gives_heat_and_histogram_of_the_references(targets):
+    from engram_cli.hotrows import row_heat
+
+    plan, ngrams, counts = small_setup(4, targets=targets)
+    got = measure_tables(ngrams, counts, plan, num_threads=2)
+    assert got.collisions == measure_collisions_reference(ngrams, counts, plan)
+    for layer in plan.layer_ids:
+        assert np.array_equal(np.sort(got.row_heat[layer]), np.sort(row_heat(ngrams, counts, plan, layer)))
+    assert sorted(got.slot_load_hist) == [2, 3]
+    for n, hist in got.slot_load_hist.items():
+        want = slot_load_hist(ngrams[n], plan, plan.layer_ids[0], n)
+        assert np.array_equal(hist, want) and hist.sum() == plan.primes[0][n - 2][0]
 
 
 def test_slot_loads_sparse_path_matches_dense():

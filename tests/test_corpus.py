@@ -289,6 +289,22 @@ def test_long_documents_are_tokenized_in_exact_pieces(tmp_path, deepseek, monkey
         assert len(seen) > 5 and max(seen) <= 10_000  # never the whole document at once
 
 
+def test_encode_batch_fast_gives_the_ids_of_encode_batch(deepseek):
+    """iter_tokenized uses encode_batch_fast (no offsets) when the tokenizer has it: same ids."""
+    root = Path(__file__).resolve().parents[1] / "sample_data"
+    spec = CorpusSpec([str(root / "zh_classics.jsonl"), *sorted(str(p) for p in (root / "sotu").glob("*.txt"))[:2]])
+    real = deepseek.tokenizer
+    assert hasattr(real, "encode_batch_fast")
+
+    class Plain:  # a tokenizer without the fast call
+        def encode_batch(self, texts, add_special_tokens=False):
+            return real.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    fast = [a.tolist() for b in iter_tokenized(spec, real, batch_size=64) for a in b]
+    plain = [a.tolist() for b in iter_tokenized(spec, Plain(), batch_size=64) for a in b]
+    assert fast == plain and len(fast) > 800
+
+
 def test_a_tokenizer_that_cannot_encode_is_one_error(tmp_path):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel

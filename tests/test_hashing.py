@@ -234,6 +234,18 @@ def test_primes(layers, max_n, heads, targets):
                 start = p
 
 
+def test_next_prime_equals_sympy():
+    import sympy
+
+    rng = np.random.default_rng(0)
+    starts = list(range(-3, 2000)) + [int(x) for x in rng.integers(2000, 2**40, 300)] + \
+        [646_399, 16_000_000 - 1, 2**61 - 2, 2**63 - 60, 3_215_031_751 - 1]   # 3215031751: strong pseudoprime to 2, 3, 5, 7
+    for n in starts:
+        assert hashing.next_prime(n) == sympy.nextprime(n), n
+    for n in list(range(0, 3000)) + [2**61 - 1, 2**63 - 25, 3_215_031_751, 3_825_123_056_546_413_051, 561, 1105]:
+        assert hashing.is_prime(n) == sympy.isprime(n), n
+
+
 def test_default_plan():
     plan = make_plan(canonical_vocab_size=98_304, canonical_pad_id=2, original_vocab_size=129_280)
     assert plan.layer_ids == (1, 15) and plan.max_ngram_size == 3 and plan.n_head_per_ngram == 8

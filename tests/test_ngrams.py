@@ -14,6 +14,7 @@ from engram_cli.ngrams import (
     NgramCounter,
     NgramStats,
     count_ngrams,
+    counter_sizes,
     group_rows,
     merge_stats,
     order_by_count,
@@ -76,6 +77,42 @@ def test_counts_equal_naive_counter(max_n, buffers, vocab_size, tmp_path):
         assert counter.spills > 0
     spill = tmp_path / "spill"
     assert not spill.exists() or not any(spill.iterdir())  # spilled runs are removed
+
+
+@pytest.mark.parametrize("buffers", list(BUFFERS))
+@pytest.mark.parametrize("vocab_size", [7, 129_280, 2**23])   # 2**23: 1-grams sorted, not counted in an array
+def test_add_batch_equals_naive_counter(buffers, vocab_size, tmp_path):
+    rng = np.random.default_rng(vocab_size % 89)
+    docs = random_docs(rng, vocab_size, count=150)
+    counter = NgramCounter(3, vocab_size=vocab_size, spill_dir=tmp_path / "spill", **BUFFERS[buffers])
+    for i in range(0, len(docs), 16):                       # batches of 16 documents, some of them empty
+        batch = docs[i:i + 16]
+        counter.add_batch(np.concatenate(batch), [len(d) for d in batch])
+    stats = counter.finish()
+    ref = naive_counts(docs, 3)
+    for n in (1, 2, 3):
+        assert as_dict(stats, n) == dict(ref[n])
+        expected = sorted(ref[n].items(), key=lambda kv: (-kv[1], kv[0]))
+        assert [tuple(r) for r in stats.ngrams[n].tolist()] == [k for k, _ in expected]
+    assert stats.documents == len(docs) and stats.tokens == sum(map(len, docs))
+
+
+def test_add_batch_refuses_lengths_that_do_not_split_the_ids():
+    counter = NgramCounter(2, vocab_size=10)
+    for ids, lengths in [([1, 2, 3], [1, 1]), ([1, 2], [3, -1]), ([1.5], [1]), ([1, 2], [[1, 1]])]:
+        with pytest.raises(InputError):
+            counter.add_batch(np.array(ids), np.array(lengths))
+    counter.add_batch(np.zeros(0, np.int64), [0, 0])       # two empty documents
+    assert counter.finish().documents == 2
+
+
+def test_counter_sizes_bound_the_buffers_and_runs():
+    assert counter_sizes(None, 3, 99_092) == {}
+    sizes = counter_sizes(1 << 30, 3, 99_092)               # 1-grams in an array: 2 one-word orders
+    assert sizes == {"buffer_tokens": (1 << 28) // 16, "spill_bytes": 1 << 29}
+    assert counter_sizes(1 << 30, 3, 2**23)["buffer_tokens"] == (1 << 28) // 32   # 23-bit ids: 3-grams take 2 words
+    with pytest.raises(ConfigError):
+        counter_sizes(1000, 3, 99_092)
 
 
 @pytest.mark.parametrize("vocab_size,max_n", [(2**20, 6), (2**22, 5), (2**40, 3), (1, 3)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Optional
@@ -28,10 +29,10 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, option: str = "--memory-budget") -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
-        raise ConfigError(f"--memory-budget {text!r} is not a size", "write e.g. 2GB, 512MiB or 1000000")
+        raise ConfigError(f"{option} {text!r} is not a size", "write e.g. 2GB, 512MiB or 1000000")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
@@ -74,6 +75,8 @@ def build_tables_command(
     shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Count only documents with index % N == I; writes counts only.")] = None,
     from_shards: Annotated[Optional[list[Path]], typer.Option("--from-shards", metavar="DIR", help="Merge shard outputs instead of reading a corpus (repeat, or list them after it).")] = None,
     spill_dir: Annotated[Optional[Path], typer.Option("--spill-dir", metavar="DIR", help="Where partial counts spill to disk (default: a temp dir).")] = None,
+    memory_limit: Annotated[Optional[str], typer.Option("--memory-limit", metavar="SIZE", help="Memory for counting: key buffers and the sorted runs kept before they spill to --spill-dir, e.g. 2GB (default: 8M-token buffers, 1 GiB of runs). The counts themselves come on top.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads for the tokenizer and for measuring collisions (default: all CPUs).")] = None,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
@@ -85,6 +88,9 @@ def build_tables_command(
     from engram_cli.commands.render import run_command
     from engram_cli.corpus import CorpusSpec, parse_shard
     from engram_cli.tables import BuildTablesConfig, build_tables
+
+    if threads is not None:  # the tokenizer's thread pool reads this when it starts (first batch)
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
 
     sources = list(corpus or [])
     shards = list(from_shards or [])
@@ -101,7 +107,9 @@ def build_tables_command(
         layer_ids=parse_layers(layers) if layers is not None else None, n_head_per_ngram=n_head_per_ngram, seed=seed, pad_id=pad_id,
         embed_dim_per_head=embed_dim_per_head, target_size=target_size, target_collision_rate=target_collision_rate,
         memory_budget=parse_bytes(memory_budget) if memory_budget else None,
-        dtype=dtype, top_ngrams=top_ngrams, sweep=sweep, spill_dir=spill_dir, force=force)
+        dtype=dtype, top_ngrams=top_ngrams, sweep=sweep, spill_dir=spill_dir,
+        memory_limit=parse_bytes(memory_limit, "--memory-limit") if memory_limit else None, threads=threads,
+        force=force)
     run_command(build_tables, config, render, json_out=json_out, quiet=quiet, rate_key="tokens")
 
 
