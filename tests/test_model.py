@@ -10,15 +10,8 @@ import torch
 
 from engram_cli.errors import ConfigError, InputError
 from engram_cli.hashing import hash_ngrams, make_plan
-from engram_cli.model import (
-    EngramModel,
-    ModelConfig,
-    MoE,
-    SwiGLU,
-    load_balancing_loss,
-    moe_reference_forward,
-    param_counts,
-)
+from engram_cli.model import EngramModel, ModelConfig, param_counts
+from engram_cli.moe import MoE, SwiGLU, load_balancing_loss, moe_reference_forward
 
 V = 96  # model vocabulary of the tiny tests
 CANON_V = 80  # canonical vocabulary (canonical ids are idx % CANON_V)
