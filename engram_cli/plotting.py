@@ -59,6 +59,8 @@ def find_cjk_font() -> str | None:
         from matplotlib.ft2font import FT2Font
 
         for f in sorted(font_manager.fontManager.ttflist, key=lambda f: f.name):
+            if f.name.startswith("Last Resort"):  # maps every character to a placeholder box
+                continue
             try:
                 cmap = FT2Font(f.fname).get_charmap()
             except Exception:  # unreadable font file: skip it  # noqa: BLE001
