@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -35,10 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli import plotting
 from engram_cli.errors import InputError
-from engram_cli.hashing import TablePlan, _available_cpus, expected_colliding_share, hash_ngrams, make_primes
+from engram_cli.hash_kernels import _available_cpus
+from engram_cli.hashing import TablePlan, hash_ngrams, make_primes
 from engram_cli.progress import ProgressFn, report
+from engram_cli.sizing import (
+    expected_colliding_share,
+    expected_indistinguishable_share,
+    expected_max_load,
+    expected_occupied,
+)
 
 COLLISIONS_FORMAT = "engram.collisions"
 COLLISIONS_VERSION = 1
@@ -48,55 +53,6 @@ _HASH_ROWS = 1 << 17   # key rows hashed per hash_ngrams call: bounds the [rows,
 
 # -----------------------------------------------------------------------------
 # what uniform hashing predicts
-
-
-def expected_occupied(n_keys: int, n_slots: int) -> float:
-    """Expected occupied slots when k keys fall uniformly into m slots: m (1 - (1 - 1/m)^k)."""
-    if n_keys <= 0:
-        return 0.0
-    if n_slots == 1:
-        return 1.0
-    return -n_slots * math.expm1(n_keys * math.log1p(-1.0 / n_slots))
-
-
-def expected_max_load(n_keys: int, n_slots: int) -> float:
-    """Approximate expected largest slot load for k keys in m slots under uniform hashing.
-
-    Treats the m loads as independent Poisson(k/m) variables (the Poisson approximation of
-    occupancy): E[max] = sum_{L>=1} P(max >= L) ~ sum_{L>=1} 1 - (1 - P[X >= L])^m. Accurate to a
-    few percent when m is large; exact figures for tiny tables are not the use case.
-    """
-    if n_keys <= 0:
-        return 0.0
-    if n_slots == 1:
-        return float(n_keys)
-    lam = n_keys / n_slots
-    # P[X >= L] is ~1 below the window and ~0 above it: only loads within it need the pmf
-    lo = max(1, int(lam - 12 * math.sqrt(lam) - 40))
-    hi = int(lam + 12 * math.sqrt(lam) + 40)
-    i = np.arange(lo, hi + 1, dtype=np.float64)
-    log_pmf = -lam + i * math.log(lam) - np.array([math.lgamma(x + 1) for x in i])
-    tail = np.cumsum(np.exp(log_pmf)[::-1])[::-1]             # P[X >= L] for L = lo..hi, small terms first
-    q = np.clip(tail, 0.0, 1.0)
-    with np.errstate(divide="ignore"):
-        p_max_ge = -np.expm1(n_slots * np.log1p(-q))            # P(max >= L) = 1 - (1 - q)^m
-    p_max_ge = np.where(q >= 1.0, 1.0, p_max_ge)
-    return float((lo - 1) + np.sum(p_max_ge))                 # loads 1..lo-1 are reached surely
-
-
-def expected_indistinguishable_share(n_keys: int, n_slots: list[int] | tuple[int, ...]) -> float:
-    """Expected share of keys that share every head's slot with one same other key.
-
-    A given other key matches in all heads with probability prod_j 1/m_j, so the share is
-    1 - (1 - prod_j 1/m_j)^(k-1).
-    """
-    if n_keys <= 1:
-        return 0.0
-    log_p = -sum(math.log(m) for m in n_slots)
-    p = math.exp(log_p)
-    if p >= 1.0:
-        return 1.0
-    return -math.expm1((n_keys - 1) * math.log1p(-p))
 
 
 # -----------------------------------------------------------------------------
@@ -618,38 +574,6 @@ def sweep_collisions(ngrams_by_order: dict[int, np.ndarray], counts_by_order: di
 # -----------------------------------------------------------------------------
 # plots (drawn through engram_cli.plotting: matplotlib imported lazily, no pyplot state)
 
-_FONT_SIZE = 9.0  # these figures are wider than the gate pictures: a larger font keeps them readable
-
-
-def plot_sweep(rows: list[dict[str, Any]], path_png: str | os.PathLike) -> list[str]:
-    """Colliding share vs table size per order: measured (markers) and uniform prediction (line).
-    Returns the plotting warnings (none expected: the labels are ASCII)."""
-    from matplotlib.ticker import NullFormatter
-
-    with plotting.figure(7.0, 4.5, font_size=_FONT_SIZE) as (fig, warnings):
-        ax = fig.add_subplot(1, 1, 1)
-        for i, n in enumerate(sorted({r["n"] for r in rows})):
-            rs = sorted((r for r in rows if r["n"] == n), key=lambda r: r["slots_mean"])
-            x = [r["slots_mean"] for r in rs]
-            color = f"C{i}"
-            ax.plot(x, [r["colliding_share_pred"] for r in rs], "-", color=color,
-                    label=f"{n}-grams: uniform hashing ({rs[0]['keys']:,} keys)")
-            ax.plot(x, [r["colliding_share"] for r in rs], "o", color=color, label=f"{n}-grams: measured")
-            ax.plot(x, [r["colliding_share_weighted"] for r in rs], "x", color=color, alpha=0.6,
-                    label=f"{n}-grams: measured, weighted by count")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())              # decade labels only: no overlaps
-        ax.set_xlabel("slots per head (table size m)")
-        ax.set_ylabel("share of distinct n-grams sharing their slot")
-        layer = rows[0]["layer"] if rows else "?"
-        heads = rows[0]["heads"] if rows else "?"
-        ax.set_title(f"Collision rate vs table size (layer {layer}, mean over {heads} heads)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=_FONT_SIZE - 1)
-        fig.tight_layout()
-        warnings += plotting.save(fig, path_png)
-    return warnings
-
 
 def slot_load_hist(keys: np.ndarray, plan: TablePlan, layer_id: int, n: int, head: int = 0) -> np.ndarray:
     """Slots holding L keys (L = 0..max load) in one head of order n: what the picture shows."""
@@ -661,50 +585,9 @@ def slot_load_hist(keys: np.ndarray, plan: TablePlan, layer_id: int, n: int, hea
     return hist
 
 
-def plot_slot_load_histogram(ngrams_by_order: dict[int, np.ndarray], plan: TablePlan,
-                             path_png: str | os.PathLike, *, layer_id: int | None = None, head: int = 0,
-                             hists: dict[int, np.ndarray] | None = None) -> list[str]:
-    """Slots per load (keys in a slot) for one head of each order, with the uniform prediction.
-
-    Bars: measured number of slots holding L keys (``hists``, per order, when already measured:
-    :attr:`TableMeasurement.slot_load_hist`; else :func:`slot_load_hist`); line: m * P[Binomial(k,
-    1/m) = L], computed in log space. Log y axis, so the tail of heavily loaded slots stays
-    visible. Returns the plotting warnings.
-    """
-    layer = plan.layer_ids[0] if layer_id is None else plan._layer(layer_id)
-    orders = _check_inputs(ngrams_by_order, None, plan)
-    with plotting.figure(4.2 * max(1, len(orders)), 4.0, font_size=_FONT_SIZE) as (fig, warnings):
-        for i, n in enumerate(orders):
-            ax = fig.add_subplot(1, len(orders), i + 1)
-            keys = np.asarray(ngrams_by_order[n])
-            K = keys.shape[0]
-            m = plan.primes[layer][n - 2][head]
-            hist = hists[n] if hists is not None else slot_load_hist(keys, plan, layer, n, head)
-            L = np.arange(hist.shape[0])
-            ax.bar(L, hist, width=0.8, color="C0", alpha=0.7, label="measured")
-            Lp = np.arange(max(hist.shape[0], 1) + 2)
-            log_choose = np.array([math.lgamma(K + 1) - math.lgamma(x + 1) - math.lgamma(K - x + 1)
-                                   if x <= K else -np.inf for x in Lp])
-            with np.errstate(divide="ignore", invalid="ignore"):
-                log_pmf = log_choose + Lp * math.log(1 / m) + (K - Lp) * math.log1p(-1 / m)
-            ax.plot(Lp, m * np.exp(log_pmf), "-o", color="C1", markersize=3, label="uniform hashing")
-            ax.set_yscale("log")
-            ax.set_ylim(bottom=0.1)                                   # below 0.1 slot the prediction says nothing
-            plotting.log_axis(ax.yaxis)
-            ax.set_xlabel("keys in a slot (load)")
-            ax.set_ylabel("number of slots")
-            ax.set_title(f"{n}-grams, layer {layer} head {head}\n{K:,} keys in {m:,} slots", fontsize=_FONT_SIZE,
-                         y=1.0)                                       # a fixed place: no layout pass
-            ax.legend(fontsize=_FONT_SIZE - 1, loc="upper right")
-        plotting.margins(fig, left=0.6, right=0.15, bottom=0.45, top=0.5, wspace=0.7)
-        warnings += plotting.save(fig, path_png, crop=False)
-    return warnings
-
-
 __all__ = [
     "CollisionReport", "OrderCollisions", "HeadCollisions", "ROW_COLUMNS", "measure_collisions",
-    "sweep_collisions", "plot_sweep", "plot_slot_load_histogram", "hash_keys", "shared_in_all_heads",
+    "sweep_collisions", "hash_keys", "shared_in_all_heads",
     "TableMeasurement", "measure_tables", "measure_collisions_reference", "hash_keys_reference", "key_mix",
     "mix_slots", "slot_load_hist",
-    "expected_occupied", "expected_max_load", "expected_indistinguishable_share",
 ]

@@ -28,11 +28,7 @@ compares it with a plain transcription of the reference; ``docs/hashing.md`` has
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +36,7 @@ import numpy as np
 
 from engram_cli.artifacts import atomic_write_json
 from engram_cli.errors import ArtifactError, ConfigError, InputError
+from engram_cli.hash_kernels import _hash_array, _hash_torch
 
 PLAN_FORMAT = "engram.table_plan"
 PLAN_FILE = "table_plan.json"  # the plan's file name in a tables artifact, a run and a checkpoint
@@ -54,14 +51,6 @@ MAX_TARGET_SIZE = 2**40    # far beyond any table that fits in memory; keeps pri
 #: values with one ue8m0 (power-of-two) scale per 32 values, 264 bytes per 256-dim row.
 TABLE_DTYPES: dict[str, tuple[int, int]] = {"fp32": (4, 0), "bf16": (2, 0), "fp8": (1, 0),
                                            "fp8-e4m3-ue8m0": (1, 32)}
-
-_CHUNK = 32768             # tokens per work chunk: amortizes ~60 NumPy calls; buffers stay in L3
-_MAX_AUTO_THREADS = 4      # default thread cap for hash_ngrams (memory bandwidth saturates)
-
-
-def _wrap64(x: int) -> int:
-    """Python int -> the int64 value with the same low 64 bits (two's complement wrap-around)."""
-    return ((x + 2**63) % 2**64) - 2**63
 
 
 # -----------------------------------------------------------------------------
@@ -289,74 +278,79 @@ _PLAN_KEYS = ("format", "format_version", "seed", "max_ngram_size", "n_head_per_
               "target_sizes", "embed_dim_per_head", "multipliers", "primes")
 
 
-def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
-    from sympy import isprime
+class _PlanDoc:
+    """Reads a plan's JSON dict, every check raising one ArtifactError that names the file."""
 
-    fix = "recreate it with `engram build-tables --force`"
+    def __init__(self, d: Any, source: str):
+        self.d, self.source = d, source
 
-    def bad(msg: str) -> ArtifactError:
-        return ArtifactError(f"{source}: {msg}", fix)
+    def bad(self, msg: str) -> ArtifactError:
+        return ArtifactError(f"{self.source}: {msg}", "recreate it with `engram build-tables --force`")
 
+    @staticmethod
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    def int_list(v: Any, what: str) -> list[int]:
-        if not isinstance(v, list) or not all(is_int(x) for x in v):
-            raise bad(f"{what} must be a list of integers")
+    def int_list(self, v: Any, what: str) -> list[int]:
+        if not isinstance(v, list) or not all(self.is_int(x) for x in v):
+            raise self.bad(f"{what} must be a list of integers")
         return v
 
-    if not isinstance(d, dict):
-        raise bad("expected a JSON object")
-    if "preset" in d and not isinstance(d["preset"], str):
-        raise bad(f"preset must be a name, got {d['preset']!r}")
-    single_row = d.get("single_row", False)
-    if single_row is not False and single_row is not True:
-        raise bad(f"single_row must be true or false, got {single_row!r}")
-    if d.get("format") != PLAN_FORMAT:
-        raise bad(f"format is {d.get('format')!r}, expected {PLAN_FORMAT!r}")
-    if d.get("format_version") != PLAN_VERSION:
-        raise bad(f"format version {d.get('format_version')!r}, this engram reads {PLAN_VERSION}")
-    missing = [k for k in _PLAN_KEYS if k not in d]
-    if missing:
-        raise bad(f"missing keys: {', '.join(missing)}")
-    unknown = sorted(set(d) - set(_PLAN_KEYS) - {"preset", "single_row"})
-    if unknown:
-        raise bad(f"unknown keys: {', '.join(unknown)}")
-    for k in ("seed", "max_ngram_size", "n_head_per_ngram", "pad_id", "canonical_pad_id",
-              "canonical_vocab_size", "original_vocab_size", "embed_dim_per_head"):
-        if not is_int(d[k]):
-            raise bad(f"{k} must be an integer, got {d[k]!r}")
-    max_n, heads, vsize = d["max_ngram_size"], d["n_head_per_ngram"], d["canonical_vocab_size"]
-    if max_n < 2 or heads < 1 or vsize < 1 or d["original_vocab_size"] < 1 or d["embed_dim_per_head"] < 1:
-        raise bad("max_ngram_size >= 2, n_head_per_ngram, vocabulary sizes and embed_dim_per_head >= 1 required")
-    if not 0 <= d["canonical_pad_id"] < vsize:
-        raise bad(f"canonical_pad_id {d['canonical_pad_id']} is outside [0, {vsize})")
-    layers = int_list(d["layer_ids"], "layer_ids")
-    if not layers or len(set(layers)) != len(layers):
-        raise bad("layer_ids must be a non-empty list of distinct integers")
-    targets = int_list(d["target_sizes"], "target_sizes")
-    if len(targets) != max_n - 1 or any(t < 1 for t in targets):
-        raise bad(f"target_sizes must hold {max_n - 1} positive integers (one per order)")
-    if single_row and any(t != 1 for t in targets):
-        raise bad("a single_row plan has target size 1 for every order")
-    for k in ("multipliers", "primes"):
-        if not isinstance(d[k], dict) or sorted(d[k]) != sorted(str(x) for x in layers):
-            raise bad(f"{k} must have one entry per layer id {layers}")
+    def header(self) -> tuple[list[int], list[int], bool]:
+        """Format, keys, scalar fields; returns (layer ids, target sizes, single_row)."""
+        d, bad = self.d, self.bad
+        if not isinstance(d, dict):
+            raise bad("expected a JSON object")
+        if "preset" in d and not isinstance(d["preset"], str):
+            raise bad(f"preset must be a name, got {d['preset']!r}")
+        single_row = d.get("single_row", False)
+        if single_row is not False and single_row is not True:
+            raise bad(f"single_row must be true or false, got {single_row!r}")
+        if d.get("format") != PLAN_FORMAT:
+            raise bad(f"format is {d.get('format')!r}, expected {PLAN_FORMAT!r}")
+        if d.get("format_version") != PLAN_VERSION:
+            raise bad(f"format version {d.get('format_version')!r}, this engram reads {PLAN_VERSION}")
+        missing = [k for k in _PLAN_KEYS if k not in d]
+        if missing:
+            raise bad(f"missing keys: {', '.join(missing)}")
+        unknown = sorted(set(d) - set(_PLAN_KEYS) - {"preset", "single_row"})
+        if unknown:
+            raise bad(f"unknown keys: {', '.join(unknown)}")
+        for k in ("seed", "max_ngram_size", "n_head_per_ngram", "pad_id", "canonical_pad_id",
+                  "canonical_vocab_size", "original_vocab_size", "embed_dim_per_head"):
+            if not self.is_int(d[k]):
+                raise bad(f"{k} must be an integer, got {d[k]!r}")
+        max_n, vsize = d["max_ngram_size"], d["canonical_vocab_size"]
+        if max_n < 2 or d["n_head_per_ngram"] < 1 or vsize < 1 or d["original_vocab_size"] < 1 \
+                or d["embed_dim_per_head"] < 1:
+            raise bad("max_ngram_size >= 2, n_head_per_ngram, vocabulary sizes and embed_dim_per_head >= 1 required")
+        if not 0 <= d["canonical_pad_id"] < vsize:
+            raise bad(f"canonical_pad_id {d['canonical_pad_id']} is outside [0, {vsize})")
+        layers = self.int_list(d["layer_ids"], "layer_ids")
+        if not layers or len(set(layers)) != len(layers):
+            raise bad("layer_ids must be a non-empty list of distinct integers")
+        targets = self.int_list(d["target_sizes"], "target_sizes")
+        if len(targets) != max_n - 1 or any(t < 1 for t in targets):
+            raise bad(f"target_sizes must hold {max_n - 1} positive integers (one per order)")
+        if single_row and any(t != 1 for t in targets):
+            raise bad("a single_row plan has target size 1 for every order")
+        for k in ("multipliers", "primes"):
+            if not isinstance(d[k], dict) or sorted(d[k]) != sorted(str(x) for x in layers):
+                raise bad(f"{k} must have one entry per layer id {layers}")
+        return layers, targets, single_row
 
-    multipliers: dict[int, tuple[int, ...]] = {}
-    primes: dict[int, tuple[tuple[int, ...], ...]] = {}
-    seen: set[int] = set()
-    for layer in layers:
-        m = int_list(d["multipliers"][str(layer)], f"multipliers of layer {layer}")
+    def layer(self, layer: int, targets: list[int], single_row: bool, seen: set[int]):
+        """One layer's multipliers and head sizes (distinct primes >= the targets; 1 if single_row)."""
+        d, bad, max_n, heads = self.d, self.bad, self.d["max_ngram_size"], self.d["n_head_per_ngram"]
+        m = self.int_list(d["multipliers"][str(layer)], f"multipliers of layer {layer}")
         if len(m) != max_n or any(x <= 0 or x % 2 == 0 or x > MAX_LONG for x in m):
             raise bad(f"multipliers of layer {layer} must be {max_n} odd positive int64 values")
-        multipliers[layer] = tuple(m)
         orders = d["primes"][str(layer)]
         if not isinstance(orders, list) or len(orders) != max_n - 1:
             raise bad(f"primes of layer {layer} must hold {max_n - 1} lists (one per order)")
         per_order = []
         for n, (order, target) in enumerate(zip(orders, targets), start=2):
-            ps = int_list(order, f"primes of layer {layer}, order {n}")
+            ps = self.int_list(order, f"primes of layer {layer}, order {n}")
             if len(ps) != heads:
                 raise bad(f"layer {layer}, order {n} has {len(ps)} head sizes, expected {heads}")
             for p in ps:
@@ -364,19 +358,25 @@ def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
                     if p != 1:
                         raise bad(f"head size {p} (layer {layer}, order {n}) of a single_row plan is not 1")
                     continue
-                if p < target or p > MAX_LONG or not isprime(p):
+                if p < target or p > MAX_LONG or not is_prime(p):
                     raise bad(f"head size {p} (layer {layer}, order {n}) is not a prime >= target {target}")
                 if p in seen:
                     raise bad(f"head size {p} is used twice; every head needs its own prime")
                 seen.add(p)
             per_order.append(tuple(ps))
-        primes[layer] = tuple(per_order)
+        return tuple(m), tuple(per_order)
 
-    return TablePlan(seed=d["seed"], max_ngram_size=max_n, n_head_per_ngram=heads,
+
+def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
+    doc = _PlanDoc(d, source)
+    layers, targets, single_row = doc.header()
+    seen: set[int] = set()
+    tables = {layer: doc.layer(layer, targets, single_row, seen) for layer in layers}
+    return TablePlan(seed=d["seed"], max_ngram_size=d["max_ngram_size"], n_head_per_ngram=d["n_head_per_ngram"],
                      layer_ids=tuple(layers), pad_id=d["pad_id"], canonical_pad_id=d["canonical_pad_id"],
-                     canonical_vocab_size=vsize, original_vocab_size=d["original_vocab_size"],
-                     target_sizes=tuple(targets), multipliers=multipliers, primes=primes,
-                     embed_dim_per_head=d["embed_dim_per_head"],
+                     canonical_vocab_size=d["canonical_vocab_size"], original_vocab_size=d["original_vocab_size"],
+                     target_sizes=tuple(targets), multipliers={k: v[0] for k, v in tables.items()},
+                     primes={k: v[1] for k, v in tables.items()}, embed_dim_per_head=d["embed_dim_per_head"],
                      preset=d["preset"] if isinstance(d.get("preset"), str) else None, single_row=single_row)
 
 
@@ -539,199 +539,11 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "device")
 
 
-def _hash_array(x: np.ndarray, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...],
-                pad: int, num_threads: int | None) -> np.ndarray:
-    """NumPy entry: [T] or [B, T] integer ids -> [..., total_heads] int64 slots."""
-    shape = x.shape
-    x2 = x.reshape(1, -1) if x.ndim == 1 else x
-    B, T = x2.shape
-    n_heads = sum(len(o) for o in primes)
-    out = np.empty((B * T, n_heads), dtype=np.int64)        # (B*T, H)
-    if B * T:
-        flat = np.ascontiguousarray(x2, dtype=np.int64).reshape(-1)   # (B*T,)
-        _hash_numpy(flat, T, mults, primes, pad, out, num_threads)
-    return out.reshape(*shape, n_heads)
-
-
-def _hash_numpy(flat: np.ndarray, T: int, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...],
-                pad: int, out: np.ndarray, num_threads: int | None = None) -> None:
-    """Fill ``out`` (B*T, H) with the slots of the flattened ids ``flat`` (B*T,) of rows of length T.
-
-    Chunks of the flattened stream are independent (each reads up to N-1 ids to its left), so a
-    few threads take chunks from a shared counter; NumPy releases the GIL inside its loops. On the
-    2-core development machine two threads are ~1.35x faster than one (docs/hashing.md).
-    """
-    n_chunks = -(-flat.shape[0] // _CHUNK)
-    if num_threads is None:
-        num_threads = min(_MAX_AUTO_THREADS, _available_cpus(), n_chunks // 2)
-    num_threads = max(1, min(num_threads, n_chunks))
-    next_chunk = itertools.count().__next__  # atomic under the GIL: threads never share a chunk
-    if num_threads == 1:
-        _hash_worker(flat, T, mults, primes, pad, out, next_chunk)
-        return
-    with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        futures = [pool.submit(_hash_worker, flat, T, mults, primes, pad, out, next_chunk)
-                   for _ in range(num_threads)]
-        for f in futures:
-            f.result()
-
-
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _hash_worker(flat: np.ndarray, T: int, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...],
-                 pad: int, out: np.ndarray, next_chunk: Callable[[], int]) -> None:
-    """Hash chunks [i*C, (i+1)*C) for i = next_chunk() until the stream is done."""
-    N = flat.shape[0]
-    C = min(_CHUNK, N)
-    n_heads = out.shape[1]
-    mix = np.empty(C, dtype=np.int64)                 # (C,) mix of the current order
-    lag = np.empty(C, dtype=np.int64)                 # (C,) id[t-k] * m_k
-    slots = np.empty((n_heads, C), dtype=np.int64)    # (H, C) head-major: vectorized per head
-    m64 = [np.int64(m) for m in mults]
-    pad_m = [np.int64(_wrap64(pad * m)) for m in mults]   # what a pad position contributes per lag
-    # per order: (head row, divisor) pairs; unsigned and signed flavours of the same numbers
-    heads_u, heads_i, h = [], [], 0
-    for order in primes:
-        heads_u.append([(slots[h + j].view(np.uint64), np.uint64(p)) for j, p in enumerate(order)])
-        heads_i.append([(slots[h + j], np.int64(p)) for j, p in enumerate(order)])
-        h += len(order)
-
-    while (s := next_chunk() * C) < N:
-        e = min(N, s + C)
-        n = e - s
-        mx, lg = mix[:n], lag[:n]
-        np.multiply(flat[s:e], m64[0], out=mx)
-        # positions t < k of a row read the pad id k back; only chunks near a row start have them
-        first_row = (s // T) * T
-        near_start = s - first_row < len(mults) - 1 or first_row + T < e
-        row_starts = np.arange(first_row - s, n, T) if near_start else None  # relative to s
-        for k in range(1, len(mults)):
-            a = max(s, k)  # positions before k have no id k back in the flat stream (they are pads)
-            if a < e:
-                np.multiply(flat[a - k:e - k], m64[k], out=lg[a - s:])
-            for j in range(min(k, T) if near_start else 0):
-                idx = row_starts + j
-                lg[idx[(idx >= 0) & (idx < n)]] = pad_m[k]
-            np.bitwise_xor(mx, lg, out=mx)
-            # order k+1 is complete: reduce it modulo each of its heads' primes as
-            # x mod p = x - (x // p) * p, exact; NumPy vectorizes // by a scalar but not %.
-            # Unsigned // is faster still and equals floor division when no mix is negative
-            # (always so for ids in [0, V): every id * m_k is below 2^63).
-            if mx.min() >= 0:
-                src, heads = mx.view(np.uint64), heads_u[k - 1]
-            else:
-                src, heads = mx, heads_i[k - 1]
-            for row, p in heads:
-                dst = row[:n]
-                np.floor_divide(src, p, out=dst)
-                np.multiply(dst, p, out=dst)
-                np.subtract(src, dst, out=dst)
-        np.copyto(out[s:e], slots[:, :n].T)               # (n, H): the one transposing copy
-
-
-def _hash_torch(x: Any, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...], pad: int) -> Any:
-    """Torch path (any device): same arithmetic in torch ops. x [T] or [B, T] int64."""
-    import torch
-    import torch.nn.functional as F
-
-    squeeze = x.dim() == 1
-    x2 = x.unsqueeze(0) if squeeze else x                      # (B, T)
-    T = x2.shape[1]
-    outs = []
-    mix = x2 * mults[0]                                         # (B, T) int64, wraps on overflow
-    for k in range(1, len(mults)):
-        shifted = F.pad(x2, (k, 0), value=pad)[:, :T]            # id[t-k], pad before the start
-        mix = torch.bitwise_xor(mix, shifted * mults[k])
-        for p in primes[k - 1]:
-            outs.append(torch.remainder(mix, p))                # floor mod: in [0, p)
-    out = torch.stack(outs, dim=-1)                             # (B, T, H)
-    return out[0] if squeeze else out
-
-
 # -----------------------------------------------------------------------------
 # sizing helpers
 
 
-def expected_colliding_share(n_keys: int, n_slots: int) -> float:
-    """Uniform hashing: expected share of k keys that share their slot with another key.
-
-    A given key is alone when the other k-1 keys all miss its slot: 1 - (1 - 1/m)^(k-1).
-    """
-    if n_keys <= 1:
-        return 0.0
-    return -math.expm1((n_keys - 1) * math.log1p(-1.0 / n_slots)) if n_slots > 1 else 1.0
-
-
-def target_size_for_collision_rate(n_keys: int, rate: float) -> int:
-    """Smallest per-head table size m whose expected colliding share for n_keys keys is <= rate.
-
-    Inverts ``1 - (1 - 1/m)^(k-1) = rate``: ``m = 1 / (1 - (1 - rate)^(1/(k-1)))``, rounded up
-    (about ``k / rate`` for small rates). Use the number of distinct N-grams of one order as k.
-    """
-    if n_keys < 0:
-        raise ConfigError(f"number of keys must be non-negative, got {n_keys}")
-    if not 0.0 < rate < 1.0:
-        raise ConfigError(f"collision rate must be in (0, 1), got {rate}")
-    if n_keys <= 1:
-        return 1
-    # 1 - (1-rate)^(1/(k-1)) computed without cancellation
-    per_slot = -math.expm1(math.log1p(-rate) / (n_keys - 1))
-    m = max(1, math.ceil(1.0 / per_slot))
-    # float rounding can leave m one off the true smallest size: settle it exactly
-    while m > 1 and expected_colliding_share(n_keys, m - 1) <= rate:
-        m -= 1
-    while expected_colliding_share(n_keys, m) > rate:
-        m += 1
-    return m
-
-
-def target_size_for_memory_budget(budget_bytes: int, *, n_layers: int, n_orders: int, n_heads: int,
-                                  embed_dim_per_head: int, dtype: str = "bf16") -> int:
-    """Largest per-head target size whose plan fits in ``budget_bytes``.
-
-    The naive answer is budget / (layers x orders x heads x dims x bytes); primes round every head
-    up (and no prime repeats), so this returns the largest m for which the primes a plan would
-    actually pick (same target for every order) fit: ``make_plan(target_sizes=(m,) * n_orders, ...)
-    .memory_bytes(dtype) <= budget_bytes``. Raises ConfigError when even the smallest plan
-    (target 1: primes 2, 3, 5, ...) does not fit.
-    """
-    for name, v in (("n_layers", n_layers), ("n_orders", n_orders), ("n_heads", n_heads),
-                    ("embed_dim_per_head", embed_dim_per_head)):
-        if v < 1:
-            raise ConfigError(f"{name} must be at least 1, got {v}")
-    row = row_bytes(dtype, embed_dim_per_head)
-    n_tables = n_layers * n_orders * n_heads
-
-    def plan_bytes(m: int) -> int:
-        # all orders share the target, so the plan takes the first n_tables primes >= m
-        total, p = 0, m - 1
-        for _ in range(n_tables):
-            p = next_prime(p)
-            total += p
-        return total * row
-
-    if budget_bytes < plan_bytes(1):
-        raise ConfigError(
-            f"a memory budget of {budget_bytes} bytes is too small for {n_tables} tables of "
-            f"{row}-byte rows", f"give at least {plan_bytes(1)} bytes")
-    # plan_bytes grows with m and plan_bytes(m) >= n_tables * m * row: bisect below that bound
-    lo, hi = 1, min(MAX_TARGET_SIZE, budget_bytes // (n_tables * row))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if plan_bytes(mid) <= budget_bytes:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 __all__ = [
     "PLAN_FORMAT", "PLAN_VERSION", "TABLE_DTYPES", "TablePlan", "make_multipliers", "make_primes",
-    "make_plan", "hash_ngrams", "hash_ngrams_reference", "row_bytes", "PLAN_FILE", "expected_colliding_share",
-    "target_size_for_collision_rate", "target_size_for_memory_budget",
+    "make_plan", "hash_ngrams", "hash_ngrams_reference", "row_bytes", "PLAN_FILE",
 ]

@@ -38,6 +38,7 @@ from engram_cli.corpus import CorpusSpec
 from engram_cli.errors import ArtifactError, ConfigError, InputError
 from engram_cli.hashing import PLAN_FILE, TablePlan, row_bytes
 from engram_cli.progress import ProgressFn, report
+from engram_cli.shards import check_shards, read_shard
 from engram_cli.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 from engram_cli.vocab import VocabMap, load_vocab
 
@@ -85,7 +86,7 @@ class BuildTablesConfig:
     sweep: bool = False                          # measure collision rate vs table size and plot it
     spill_dir: Path | None = None                # where partial counts spill (default: a temp dir)
     memory_limit: int | None = None              # bytes for counting buffers + in-memory runs (None: 8M-token
-                                                 # buffers, 1 GiB of runs; ngrams.counter_sizes)
+                                                 # buffers, 1 GiB of runs; counting.counter_sizes)
     threads: int | None = None                   # threads measuring collisions (None: the available CPUs)
     batch_size: int = 1024                       # documents per tokenizer batch (see docs/corpus.md)
     force: bool = False
@@ -309,7 +310,7 @@ def import_in_background(*modules: str) -> None:
 
 def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, progress: ProgressFn):
     from engram_cli.corpus import CorpusStats, corpus_fingerprint, empty_corpus_error, iter_tokenized
-    from engram_cli.ngrams import NgramCounter, counter_sizes
+    from engram_cli.counting import NgramCounter, counter_sizes
 
     spec = config.corpus
     # pyarrow imports pandas (when installed) at its first conversion of a NumPy array
@@ -329,70 +330,6 @@ def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, progress: Pro
         raise empty_corpus_error(spec, stats)
     ngrams = counter.finish(progress=progress)
     return ngrams, stats, fingerprint
-
-
-#: what every shard of one corpus must agree on: (where in the shard manifest, what it is called)
-_SHARD_AGREEMENT = (
-    (("config", "max_ngram_size"), "largest n-gram order"),
-    (("config", "corpus", "text_column"), "--text-column"),
-    (("config", "corpus", "doc_mode"), "--doc-mode"),
-    (("config", "corpus", "hf_split"), "--hf-split"),
-    (("config", "corpus", "skip_bad_files"), "--skip-bad-files"),
-    (("config", "corpus", "max_tokens"), "--max-tokens"),
-    (("config", "tokenizer"), "--tokenizer"),
-    (("inputs", "corpus", "corpus_sha256"), "corpus (file contents)"),
-    (("inputs", "vocab", "sha256"), "vocab map"),
-)
-
-
-def _dig(doc: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(doc, dict) or key not in doc:
-            return KeyError
-        doc = doc[key]
-    return doc
-
-
-def read_shard(directory: Path) -> tuple[dict, tuple[int, int]]:
-    """The manifest of an ``engram.ngram_shard`` artifact and its (I, N), schema-checked."""
-    m = read_manifest(directory, "engram.ngram_shard")
-    shard = _dig(m, ("config", "corpus", "shard"))
-    ok = (isinstance(shard, list) and len(shard) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                             for x in shard) and 0 <= shard[0] < shard[1])
-    missing = [".".join(p) for p, _ in _SHARD_AGREEMENT if _dig(m, p) is KeyError]
-    if not ok or missing:
-        what = f"a malformed shard {shard!r}" if not ok else f"no {', '.join(missing)}"
-        raise ArtifactError(f"shard manifest {directory / MANIFEST} has {what}",
-                            "recount it with `engram build-tables ... --shard I/N --force`")
-    return m, (shard[0], shard[1])
-
-
-def check_shards(manifests: list[tuple[Path, dict, tuple[int, int]]]) -> int:
-    """Refuse shards that are not the N disjoint parts of one counting run; return N.
-
-    Every shard must have the same N, n-gram order, reading options, max-tokens, tokenizer,
-    vocab and corpus contents as the first one, and each I in 0..N-1 must come exactly once.
-    The error names the odd shard and what differs.
-    """
-    first_dir, first, (_, total) = manifests[0]
-    seen: dict[int, Path] = {}
-    for d, m, (i, n) in manifests:
-        if n != total:
-            raise InputError(f"shard {d} is shard {i}/{n}, but {first_dir} is one of {total}",
-                             f"merge the {total} shards of one counting run (--shard I/{total})")
-        for path, what in _SHARD_AGREEMENT:
-            if _dig(m, path) != _dig(first, path):
-                raise InputError(f"shard {d} differs from {first_dir} in its {what} "
-                                 f"({_dig(m, path)!r} vs {_dig(first, path)!r})",
-                                 "count every shard over the same inputs with the same options")
-        if i in seen:
-            raise InputError(f"shards {seen[i]} and {d} are both shard {i}/{n}", "pass each shard once")
-        seen[i] = d
-    missing = sorted(set(range(total)) - set(seen))
-    if missing:
-        raise InputError(f"shards {', '.join(f'{i}/{total}' for i in missing)} are missing",
-                         "count them with `engram build-tables ... --shard I/N` and pass all N")
-    return total
 
 
 def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, progress: ProgressFn):
@@ -418,7 +355,7 @@ def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, progress: Progress
 
 
 def _target_sizes(config: BuildTablesConfig, ngrams, n_orders: int) -> tuple[int, ...] | None:
-    from engram_cli.hashing import target_size_for_collision_rate, target_size_for_memory_budget
+    from engram_cli.sizing import target_size_for_collision_rate, target_size_for_memory_budget
 
     if config.target_size is not None:
         return (config.target_size,) * n_orders
@@ -514,7 +451,12 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
             w.summary = {**summary, "distinct": {str(r["n"]): r["distinct"] for r in orders}}
         return BuildTablesResult(out=Path(config.out), kind="shard", top={}, plan=None, memory=None,
                                  collisions=None, sweep=None, **common)
+    return _plan_and_measure(config, vocab, ngrams, inputs, summary, common, progress)
 
+
+def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, ngrams, inputs: dict, summary: dict,
+                      common: dict, progress: ProgressFn) -> BuildTablesResult:
+    """The plan, its collisions and hot rows measured on the counts, the ``engram.tables`` artifact."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -542,7 +484,7 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
         pq.write_table(pa.Table.from_pylist([r for c in hot for r in c.to_rows()]), w.path(HOT_ROWS_FILE))
         plot_hot_rows(hot, config.dtype, plan, w.path(HOT_ROWS_PNG))
         w.config, w.inputs = config.resolved(), inputs
-        w.summary = {**summary, "orders": orders,
+        w.summary = {**summary, "orders": common["orders"],
                      "plan": {"layer_ids": list(plan.layer_ids), "target_sizes": list(plan.target_sizes),
                               "total_slots": plan.total_slots_all, "memory_bytes": memory},
                      "collisions": collisions.summary(),
@@ -604,7 +546,8 @@ def _write_reports(w, config: BuildTablesConfig, plan: TablePlan, by_order, coun
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engram_cli.collisions import plot_slot_load_histogram, plot_sweep, sweep_collisions
+    from engram_cli.collision_plots import plot_slot_load_histogram, plot_sweep
+    from engram_cli.collisions import sweep_collisions
 
     pq.write_table(pa.Table.from_pylist([{"n": n, **asdict(t)} for n, rows in top.items() for t in rows]),
                    w.path(TOP_FILE))

@@ -10,24 +10,26 @@ import numpy as np
 import pytest
 
 from engram_cli import collisions
+from engram_cli.collision_plots import plot_slot_load_histogram, plot_sweep
 from engram_cli.collisions import (
     ROW_COLUMNS,
-    expected_indistinguishable_share,
-    expected_max_load,
-    expected_occupied,
     hash_keys,
     hash_keys_reference,
     measure_collisions,
     measure_collisions_reference,
     measure_tables,
-    plot_slot_load_histogram,
-    plot_sweep,
     shared_in_all_heads,
     slot_load_hist,
     sweep_collisions,
 )
 from engram_cli.errors import InputError
-from engram_cli.hashing import TablePlan, expected_colliding_share, hash_ngrams, make_plan
+from engram_cli.hashing import TablePlan, hash_ngrams, make_plan
+from engram_cli.sizing import (
+    expected_colliding_share,
+    expected_indistinguishable_share,
+    expected_max_load,
+    expected_occupied,
+)
 
 
 def wrap64(x: int) -> int:

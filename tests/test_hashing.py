@@ -9,21 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from engram_cli import hashing
+from engram_cli import hash_kernels, hashing
 from engram_cli.errors import ArtifactError, ConfigError, InputError
 from engram_cli.hashing import (
     PLAN_FORMAT,
     PLAN_VERSION,
     TablePlan,
-    expected_colliding_share,
     hash_ngrams,
     hash_ngrams_reference,
     make_multipliers,
     make_plan,
     make_primes,
-    target_size_for_collision_rate,
-    target_size_for_memory_budget,
 )
+from engram_cli.sizing import expected_colliding_share, target_size_for_collision_rate, target_size_for_memory_budget
 
 
 def wrap64(x: int) -> int:
@@ -119,7 +117,7 @@ def test_hash_wraps_like_int64_with_negative_mixes():
 @pytest.mark.parametrize("shape", [(1, 300), (37, 3), (200, 1), (6, 50)])
 def test_hash_matches_reference_transcription(monkeypatch, chunk, threads, shape):
     # small chunks put row starts and chunk edges everywhere; negative ids exercise the signed path
-    monkeypatch.setattr(hashing, "_CHUNK", chunk)
+    monkeypatch.setattr(hash_kernels, "_CHUNK", chunk)
     plan = small_plan(canonical_vocab_size=1000, target_sizes=(5000, 9000))
     rng = np.random.default_rng(chunk * threads)
     ids = rng.integers(0, 1000, shape)
@@ -150,7 +148,7 @@ def test_numpy_equals_torch(shape):
         assert isinstance(got, torch.Tensor) and got.dtype == torch.int64
         assert np.array_equal(got.numpy(), want)
         # ... and the pure-torch path that other devices take
-        torch_path = hashing._hash_torch(torch.from_numpy(ids), plan.multipliers[layer],
+        torch_path = hash_kernels._hash_torch(torch.from_numpy(ids), plan.multipliers[layer],
                                          plan.primes[layer], plan.canonical_pad_id)
         assert np.array_equal(torch_path.numpy(), want)
 

@@ -8,13 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from engram_cli.counting import NgramCounter, count_ngrams, counter_sizes
 from engram_cli.errors import ArtifactError, ConfigError, InputError
 from engram_cli.ngrams import (
     KeyLayout,
-    NgramCounter,
     NgramStats,
-    count_ngrams,
-    counter_sizes,
     group_rows,
     merge_stats,
     order_by_count,

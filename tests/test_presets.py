@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from engram_cli.cli import app
 from engram_cli.errors import ConfigError
-from engram_cli.hashing import TablePlan, make_plan, row_bytes, target_size_for_memory_budget
+from engram_cli.hashing import TablePlan, make_plan, row_bytes
 from engram_cli.presets import PRESETS, resolve_plan_options
+from engram_cli.sizing import target_size_for_memory_budget
 from engram_cli.tables import BuildTablesConfig, build_tables
 
 from cli_asserts import one_red_line

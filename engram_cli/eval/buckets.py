@@ -4,7 +4,7 @@
   p-n+1 .. p: its n-1 preceding tokens and the target itself. Canonical ids, because that is
   what the Engram tables key on (the memory of the (n-1)-gram before the target is the row that
   training could have taught this continuation). Its count is taken exactly over the run's
-  *training* ranges of the cached stream with :class:`engram_cli.ngrams.NgramCounter`, each
+  *training* ranges of the cached stream with :class:`engram_cli.counting.NgramCounter`, each
   training range one document (an n-gram never joins two ranges; inside a range it crosses
   document separators, as the model's windows and the tables' hashing do). Counts are looked up
   through the same key packing (``KeyLayout``, ``group_rows``). A target with fewer than n-1
@@ -18,8 +18,9 @@ import unicodedata
 
 import numpy as np
 
+from engram_cli.counting import NgramCounter
 from engram_cli.eval.config import COUNT_EDGES, SCRIPT_BUCKETS
-from engram_cli.ngrams import KeyLayout, NgramCounter, group_rows, id_bits
+from engram_cli.ngrams import KeyLayout, group_rows, id_bits
 from engram_cli.progress import ProgressFn, report
 from engram_cli.text import is_cjk
 

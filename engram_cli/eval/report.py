@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from engram_cli.artifacts import artifact_dir, check_output_dir
+from engram_cli.counting import MAX_ORDER
 from engram_cli.errors import ConfigError
 from engram_cli.eval import buckets as B
 from engram_cli.eval import texts as X
@@ -33,7 +34,6 @@ from engram_cli.eval.config import (
     config_record,
 )
 from engram_cli.eval.losses import bits_per_byte, mean_ci95, token_losses, window_sums
-from engram_cli.ngrams import MAX_ORDER
 from engram_cli.progress import ProgressFn, report
 from engram_cli.runs import LoadedRun
 
