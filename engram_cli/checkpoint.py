@@ -64,9 +64,9 @@ PLAN_FILE = "table_plan.json"
 STATE_FILE = "state.json"
 
 _FIX = "resume from another checkpoint (delete this one), or start over with --force"
-#: what every state.json holds (and what loading and resuming read from it)
-_STATE_FIELDS = {"files": dict, "rng": dict, "model_config": dict, "fingerprints": dict, "config": dict,
-                 "metrics": dict}
+#: what every state.json holds (what this module writes; the trainer's own fields are checked by
+#: engram_cli.runs.load_run)
+_STATE_FIELDS = {"files": dict, "rng": dict}
 
 
 def step_dir_name(step: int) -> str:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engram_cli.artifacts import read_json, read_manifest
+from engram_cli.artifacts import check_schema, read_json, read_manifest
 from engram_cli.errors import ArtifactError
 
 if TYPE_CHECKING:
@@ -122,6 +122,8 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str = 
     config = _read_config(run_dir)
     tokenizer, vocab = _load_tokenizer_and_vocab(run_dir, manifest, config, vocab_dir)
     ckpt = read_checkpoint(run_dir, step, verify=verify)
+    check_schema(ckpt.state, f"checkpoint {ckpt.path}/state.json", {"model_config": dict, "fingerprints": dict,
+                                                                     "config": dict}, _RETRAIN)
     _check_checkpoint_belongs(run_dir, ckpt, manifest, config)
     plan = ckpt.plan()
     if plan_fingerprint(plan) != manifest.get("plan", {}).get("sha256"):
