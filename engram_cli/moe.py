@@ -104,9 +104,13 @@ class Experts(nn.Module):
         """x_sorted: (M, C) rows grouped by expert, ``counts[e]`` rows for expert e -> (M, C).
 
         One matmul chain per expert on its contiguous slice; the loop is over experts, never tokens.
+        The stacked weights are split once (``unbind``): indexing ``w[e]`` per expert would make the
+        backward pass write a full-size (E, ...) gradient per expert, E^2 work for E experts.
         """
         slices = torch.split(x_sorted, counts, dim=0)
-        return torch.cat([self.expert_forward(e, xs) for e, xs in enumerate(slices)], dim=0)
+        gates, ups, downs = self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)
+        return torch.cat([(F.silu(xs @ g) * (xs @ u)) @ d for xs, g, u, d in zip(slices, gates, ups, downs)],
+                         dim=0)
 
 
 class MoE(nn.Module):
