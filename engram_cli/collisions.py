@@ -49,6 +49,7 @@ COLLISIONS_FORMAT = "engram.collisions"
 COLLISIONS_VERSION = 1
 
 _HASH_ROWS = 1 << 17   # key rows hashed per hash_ngrams call: bounds the [rows, n, H] temporary
+_THREAD_KEYS = 1 << 20  # orders with fewer distinct keys are measured in the calling thread
 
 
 # -----------------------------------------------------------------------------
@@ -223,9 +224,12 @@ def key_mix(keys: np.ndarray, mults: tuple[int, ...] | list[int]) -> np.ndarray:
     """
     keys = np.asarray(keys)
     n = keys.shape[1]
-    mix = keys[:, n - 1].astype(np.int64) * np.int64(mults[0])      # (K,)
+    mix = keys[:, n - 1].astype(np.int64)                           # (K,)
+    mix *= np.int64(mults[0])
+    term = np.empty_like(mix)                                       # (K,) one temporary, reused
     for k in range(1, n):
-        mix ^= keys[:, n - 1 - k].astype(np.int64) * np.int64(mults[k])
+        np.multiply(keys[:, n - 1 - k].astype(np.int64, copy=False), np.int64(mults[k]), out=term)
+        mix ^= term
     return mix
 
 
@@ -442,7 +446,9 @@ def _measure(ngrams_by_order, counts_by_order, plan: TablePlan, progress: Progre
     result: list[OrderCollisions] = []
     heats: dict[int, list[np.ndarray]] = {layer: [] for layer in plan.layer_ids}
     hists: dict[int, np.ndarray] = {}
-    threads = max(1, min(plan.n_head_per_ngram, num_threads or _available_cpus()))
+    keys_max = max((np.shape(ngrams_by_order[n])[0] for n in orders), default=0)
+    # threads pay off from about a million keys; below, starting them costs more than they save
+    threads = max(1, min(plan.n_head_per_ngram, num_threads or _available_cpus())) if keys_max >= _THREAD_KEYS else 1
     progress("collisions", 0, total)
     with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
         for layer in plan.layer_ids:

@@ -35,6 +35,7 @@ import bisect
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,14 +443,22 @@ class NgramStats:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        written = []
-        for n in range(1, self.max_n + 1):
-            cols = {f"id_{j}": pa.array(np.ascontiguousarray(self.ngrams[n][:, j]), type=pa.int64())
-                    for j in range(n)}
-            cols["count"] = pa.array(self.counts[n], type=pa.int64())
+
+        def write(n: int) -> Path:
+            # one row group at a time: a few MB of columns in Arrow, not a copy of the whole order
+            names = [f"id_{j}" for j in range(n)] + ["count"]
             path = directory / ngrams_file(n)
-            pq.write_table(pa.table(cols), path, compression="zstd", row_group_size=_PARQUET_ROW_GROUP)
-            written.append(path)
+            with pq.ParquetWriter(path, pa.schema([(c, pa.int64()) for c in names]), compression="zstd") as f:
+                for s in range(0, self.counts[n].shape[0], _PARQUET_ROW_GROUP):
+                    rows = self.ngrams[n][s:s + _PARQUET_ROW_GROUP]
+                    cols = [pa.array(np.ascontiguousarray(rows[:, j]), type=pa.int64()) for j in range(n)]
+                    cols.append(pa.array(self.counts[n][s:s + _PARQUET_ROW_GROUP], type=pa.int64()))
+                    f.write_table(pa.Table.from_arrays(cols, names=names))
+            return path
+
+        # the orders' files in parallel: Arrow compresses and writes without the GIL
+        with ThreadPoolExecutor(max(1, min(self.max_n, os.cpu_count() or 1))) as pool:
+            written = list(pool.map(write, range(1, self.max_n + 1)))
         meta = {"format": STATS_FORMAT, "format_version": STATS_VERSION, **self.summary(),
                 "files": {str(n): ngrams_file(n) for n in range(1, self.max_n + 1)},
                 "columns": "id_0 .. id_{n-1} (int64, id_0 = oldest token), count (int64); "

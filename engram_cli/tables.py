@@ -55,8 +55,8 @@ SWEEP_FILE = "collision_sweep.parquet"
 HOT_ROWS_FILE = "hot_rows.parquet"
 HOT_ROWS_PNG = "hot_rows.png"
 #: what writing an engram.tables artifact imports (loaded during counting: import_in_background)
-_REPORT_MODULES = ("engram_cli.collisions", "engram_cli.hotrows", "engram_cli.presets", "matplotlib.figure",
-                   "matplotlib.backends.backend_agg", "matplotlib.ticker")
+_REPORT_MODULES = ("engram_cli.collisions", "engram_cli.collision_plots", "engram_cli.hotrows", "engram_cli.presets",
+                   "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.ticker")
 
 
 @dataclass
@@ -457,6 +457,8 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
 def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, ngrams, inputs: dict, summary: dict,
                       common: dict, progress: ProgressFn) -> BuildTablesResult:
     """The plan, its collisions and hot rows measured on the counts, the ``engram.tables`` artifact."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -470,19 +472,20 @@ def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, ngrams, inputs
     published = check_published_rows(config.preset, {layer: plan.total_slots(layer) for layer in plan.layer_ids})
     by_order = {n: ngrams.ngrams[n] for n in range(2, config.max_ngram_size + 1)}
     counts = {n: ngrams.counts[n] for n in range(2, config.max_ngram_size + 1)}
-    # one hashing pass gives the collision figures, the rows' heat and the slot-load histogram
-    measured = measure_tables(by_order, counts, plan, progress=progress, num_threads=config.threads)
-    collisions = measured.collisions
-    hot = hot_row_curves(by_order, counts, plan, progress=progress, heat=measured.row_heat)
-    hot_lines = cache_lines(hot, plan, config.dtype)
-    top = top_ngrams(ngrams, vocab, config.max_ngram_size, config.top_ngrams)
-    with artifact_dir(config.out, "engram.tables", force=config.force) as w:
+    with artifact_dir(config.out, "engram.tables", force=config.force) as w, ThreadPoolExecutor(1) as background:
+        saving = background.submit(ngrams.save, w.path(NGRAMS_DIR))  # Arrow compresses without the GIL
+        # one hashing pass gives the collision figures, the rows' heat and the slot-load histogram
+        measured = measure_tables(by_order, counts, plan, progress=progress, num_threads=config.threads)
+        collisions = measured.collisions
+        hot = hot_row_curves(by_order, counts, plan, progress=progress, heat=measured.row_heat)
+        hot_lines = cache_lines(hot, plan, config.dtype)
+        top = top_ngrams(ngrams, vocab, config.max_ngram_size, config.top_ngrams)
         plan.save(w.path(PLAN_FILE))
-        ngrams.save(w.path(NGRAMS_DIR))
         sweep_rows = _write_reports(w, config, plan, by_order, counts, top, collisions, measured.slot_load_hist,
                                     progress)
         pq.write_table(pa.Table.from_pylist([r for c in hot for r in c.to_rows()]), w.path(HOT_ROWS_FILE))
         plot_hot_rows(hot, config.dtype, plan, w.path(HOT_ROWS_PNG))
+        saving.result()
         w.config, w.inputs = config.resolved(), inputs
         w.summary = {**summary, "orders": common["orders"],
                      "plan": {"layer_ids": list(plan.layer_ids), "target_sizes": list(plan.target_sizes),

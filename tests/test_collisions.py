@@ -121,14 +121,19 @@ def test_hash_keys_equals_the_reference(vocab, id_high):
     for n in (2, 3, 4):
         keys = rng.integers(0, id_high, (500, n))
         for layer in (0, 5):
-            assert np.array_equal(hash_keys(keys, plan, layer, n), hash_keys_reference(keys, plan, layer, n))
+            want = hash_keys_reference(keys, plan, layer, n)
+            assert np.array_equal(hash_keys(keys, plan, layer, n), want)
+            if id_high <= vocab:                                     # other integer types of the same ids
+                for dtype in (np.int32, np.uint64):
+                    assert np.array_equal(hash_keys(keys.astype(dtype), plan, layer, n), want)
     if id_high > vocab:
         assert (collisions.key_mix(rng.integers(0, id_high, (100, 3)), plan.multipliers[0]) < 0).any()
 
 
 @pytest.mark.parametrize("targets, threads", [((23, 29), 1), ((23, 29), 3), ((2**33, 2**34), 2)])
-def test_measure_collisions_equals_the_reference(targets, threads):
+def test_measure_collisions_equals_the_reference(targets, threads, monkeypatch):
     # 2**33 slots for 150 keys: the sorted (sparse) path instead of a count per slot
+    monkeypatch.setattr(collisions, "_THREAD_KEYS", 0)             # threads even for a few keys
     plan, ngrams, counts = small_setup(3, targets=targets)
     fast = measure_collisions(ngrams, counts, plan, num_threads=threads)
     assert fast == measure_collisions_reference(ngrams, counts, plan)
@@ -152,8 +157,10 @@ def test_keys_tied_in_every_head_are_the_keys_of_equal_mixes():
 
 
 @pytest.mark.parametrize("targets", [(23, 29), (2**33, 2**34)])
-def test_measure_tables_gives_heat_and_histogram_of_the_references(targets):
+def test_measure_tables_gives_heat_and_histogram_of_the_references(targets, monkeypatch):
     from engram_cli.hotrows import row_heat
+
+    monkeypatch.setattr(collisions, "_THREAD_KEYS", 0)
 
     plan, ngrams, counts = small_setup(4, targets=targets)
     got = measure_tables(ngrams, counts, plan, num_threads=2)
