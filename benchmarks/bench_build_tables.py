@@ -16,7 +16,9 @@ Corpora:
 * ``--corpus PATH ...``: your own files (with ``--doc-mode``).
 
 Every measurement runs in its own process (nothing warm from the previous one), alternating
-between the two and over the thread counts, ``--repeats`` times; medians are printed:
+between the two and over the thread counts, ``--repeats`` times; medians are printed, and the
+median of the ratios within each repeat (on a shared machine the load changes from minute to
+minute; two runs back to back see about the same):
 
 * tokenize: ``load_tokenizer`` + ``iter_tokenized`` over the corpus (what every stage pays to read
   a corpus); ``tokenize (no load)`` is the same without loading the tokenizer;
@@ -217,6 +219,9 @@ def main() -> None:
                   f"(range {min(x['seconds'] for x in bd):.2f}-{max(x['seconds'] for x in bd):.2f} s)")
             print(f"  ratio build-tables / tokenize: {b / a:.2f} (target <= {TARGET_RATIO}); "
                   f"/ tokenize without the load: {b / a0:.2f}")
+            pairs = sorted(y["seconds"] / x["seconds"] for x, y in zip(tk, bd))
+            print(f"  ratio within each repeat (the two runs back to back, under the same load): median "
+                  f"{statistics.median(pairs):.2f}, range {pairs[0]:.2f}-{pairs[-1]:.2f}")
             ca, cb = med(tk, "cpu_seconds"), med(bd, "cpu_seconds")
             print(f"  CPU time (all threads): tokenize {ca:.2f} s, build-tables {cb:.2f} s, ratio {cb / ca:.2f}")
 

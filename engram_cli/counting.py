@@ -244,7 +244,7 @@ class NgramCounter:
                 if len(runs) == 1 and not runs[0].files:  # one run in memory: nothing to merge
                     keys, counts = runs[0].keys, runs[0].counts
                 else:
-                    keys, counts = _concat_chunks(merge_runs(runs), layout.words)
+                    keys, counts = _concat_chunks(merge_runs(runs), layout.words, sum(len(r) for r in runs))
                 self._disk_runs[n], self._memory_runs[n] = [], []
                 for r in runs:
                     _delete_run(r)

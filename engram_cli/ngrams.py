@@ -49,9 +49,10 @@ STATS_FORMAT = "engram.ngram_stats"
 STATS_VERSION = 1
 STATS_FILE = "ngram_stats.json"
 
-_MERGE_WINDOW_ENTRIES = 1 << 22    # entries of all windows together in a k-way merge
+_MERGE_WINDOW_ENTRIES = 1 << 20    # entries of all windows together in a k-way merge (~50 MB of temporaries)
 _MIN_WINDOW = 1 << 12              # smallest window per run
 _PARQUET_ROW_GROUP = 1 << 20
+_UNPACK_ROWS = 1 << 20             # keys unpacked to ids per block (finish, merge_stats)
 
 
 def ngrams_file(n: int) -> str:
@@ -353,8 +354,18 @@ def _write_run(chunks: Iterable[tuple[np.ndarray, np.ndarray]], base: Path, word
     return _Run(keys, counts, (kpath, cpath))
 
 
-def _concat_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]], words: int) -> tuple[np.ndarray, np.ndarray]:
-    """All merged chunks as two in-memory arrays (one copy of the data; views are not copied twice)."""
+def _concat_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]], words: int,
+                   total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All merged chunks as two in-memory arrays. With ``total``, an upper bound of their rows
+    (the merged runs' lengths summed), each chunk is copied into arrays of that size as it comes,
+    so the chunks are never held all at once beside their concatenation."""
+    if total is not None:
+        keys, counts = np.empty((total, words), np.uint64), np.empty(total, np.int64)
+        end = 0
+        for k, c in chunks:
+            keys[end:end + k.shape[0]], counts[end:end + k.shape[0]] = k, c
+            end += k.shape[0]
+        return keys[:end], counts[:end]
     ks, cs = [], []
     for k, c in chunks:
         ks.append(k)
@@ -544,7 +555,10 @@ def order_by_count(counts: np.ndarray) -> np.ndarray:
 def _sorted_stats(layout: KeyLayout, keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Key-sorted unique keys -> (int64 [K, n] ids, counts), by count descending then ids."""
     order = order_by_count(counts)  # stable: ties stay in key (= id tuple) order
-    return layout.unpack(keys[order]), counts[order]
+    ids = np.empty((keys.shape[0], layout.n), dtype=np.int64)
+    for s in range(0, keys.shape[0], _UNPACK_ROWS):  # in blocks: no reordered copy of all the keys
+        ids[s:s + _UNPACK_ROWS] = layout.unpack(keys[order[s:s + _UNPACK_ROWS]])
+    return ids, counts[order]
 
 
 def merge_stats(parts: Sequence[NgramStats]) -> NgramStats:

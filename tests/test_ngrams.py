@@ -95,6 +95,19 @@ def test_add_batch_equals_naive_counter(buffers, vocab_size, tmp_path):
     assert stats.documents == len(docs) and stats.tokens == sum(map(len, docs))
 
 
+def test_results_unpacked_in_blocks_are_the_same(monkeypatch):
+    from engram_cli import ngrams
+
+    rng = np.random.default_rng(12)
+    docs = random_docs(rng, 60, count=80)
+    whole = count_ngrams(docs, 3, 60, buffer_tokens=40)
+    monkeypatch.setattr(ngrams, "_UNPACK_ROWS", 7)
+    blocks = count_ngrams(docs, 3, 60, buffer_tokens=40)
+    for n in (1, 2, 3):
+        assert np.array_equal(blocks.ngrams[n], whole.ngrams[n]) and np.array_equal(blocks.counts[n], whole.counts[n])
+    assert as_dict(blocks, 3) == dict(naive_counts(docs, 3)[3])
+
+
 def test_add_batch_refuses_lengths_that_do_not_split_the_ids():
     counter = NgramCounter(2, vocab_size=10)
     for ids, lengths in [([1, 2, 3], [1, 1]), ([1, 2], [3, -1]), ([1.5], [1]), ([1, 2], [[1, 1]])]:
