@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, replace
 
 from engram_cli.errors import ConfigError
-from engram_cli.hashing import TablePlan, make_plan
+from engram_cli.hashing import TablePlan, make_plan, vocab_fields
 from engram_cli.model import ModelConfig
 
 #: below this many slots per head a table is too small to mean anything (and primes get sparse)
@@ -137,10 +137,7 @@ def allocate(base: ModelConfig, plan: TablePlan | None, allocation: float) -> Al
             "lower the allocation ratio, or use fewer Engram layers/heads or narrower heads",
         )
     new_plan = make_plan(
-        canonical_vocab_size=plan.canonical_vocab_size,
-        canonical_pad_id=plan.canonical_pad_id,
-        original_vocab_size=plan.original_vocab_size,
-        pad_id=plan.pad_id,
+        **vocab_fields(plan),
         layer_ids=plan.layer_ids,
         max_ngram_size=plan.max_ngram_size,
         n_head_per_ngram=plan.n_head_per_ngram,

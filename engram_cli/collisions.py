@@ -264,6 +264,8 @@ def hash_keys_reference(keys: np.ndarray, plan: TablePlan, layer_id: int, n: int
     H = plan.n_head_per_ngram
     lo = (n - 2) * H                                   # the order's heads in hash_ngrams' output
     K = keys.shape[0]
+    if plan.restarts:  # a key is one n-gram, hashed as it stands: no restart after a separator in it
+        plan = dataclasses.replace(plan, boundary="pad-start")
     out = np.empty((H, K), dtype=np.int64)             # (H_n, K)
     for s in range(0, K, _HASH_ROWS):
         rows = np.asarray(keys[s:s + _HASH_ROWS], dtype=np.int64)

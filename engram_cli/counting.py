@@ -1,7 +1,8 @@
 """Exact n-gram counting of a token stream: :class:`NgramCounter` and :func:`count_ngrams`.
 
-Documents of canonical ids go in; every 1..N-gram inside a document is packed into one integer
-key (``engram_cli.ngrams.KeyLayout``), buffered, reduced to (key, count) runs by a sort, spilled
+Documents of canonical ids go in; every 1..N-gram of the stream they make under a boundary rule
+(``engram_cli.boundary``: a separator after every document, N-grams across it or restarting after
+it; without a rule, only those inside a document) is packed into one integer key (``engram_cli.ngrams.KeyLayout``), buffered, reduced to (key, count) runs by a sort, spilled
 to disk as sorted runs when memory is full and k-way merged at the end (``engram_cli.ngrams``),
 giving an :class:`engram_cli.ngrams.NgramStats`. Counts are exact (tested against
 ``collections.Counter``) and memory stays bounded (``counter_sizes``). Measured throughput and
@@ -13,18 +14,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from engram_cli.errors import ConfigError, InputError
+from engram_cli.boundary import Boundary, boundary_ngrams, split_edges
+from engram_cli.errors import ArtifactError, ConfigError, InputError
+from engram_cli.ngram_stats import NgramStats, _sorted_stats
 from engram_cli.ngrams import (
     KeyLayout,
-    NgramStats,
     _concat_chunks,
     _Run,
-    _sorted_stats,
     _write_run,
     id_bits,
     merge_runs,
@@ -80,7 +81,8 @@ class NgramCounter:
     """
 
     def __init__(self, max_n: int = 3, *, vocab_size: int, spill_dir: str | os.PathLike | None = None,
-                 buffer_tokens: int = 8_000_000, spill_bytes: int = 1 << 30):
+                 buffer_tokens: int = 8_000_000, spill_bytes: int = 1 << 30, boundary: Boundary | None = None,
+                 keep_edges: bool = False):
         if not 1 <= max_n <= MAX_ORDER:
             raise ConfigError(f"N-gram order {max_n} is out of range", f"pass max_n between 1 and {MAX_ORDER}")
         if vocab_size < 1:
@@ -95,6 +97,18 @@ class NgramCounter:
         self.documents = 0
         self.tokens = 0
         self.spills = 0                       # how many times runs were written to disk
+        # the boundary rule (None: N-grams inside documents only). Under pad-start the N-grams
+        # across documents read the stream's last ids (the context) or, for a shard whose documents
+        # are not consecutive (keep_edges), are left to merge_stats, which reads the kept edges
+        self.boundary = boundary
+        if boundary is not None:
+            for what, i in (("separator", boundary.separator), ("pad", boundary.pad)):
+                if not 0 <= i < vocab_size:
+                    raise ConfigError(f"the {what} id {i} is outside the canonical vocabulary 0..{vocab_size - 1}",
+                                      "pass canonical ids (mapped through the vocab map)")
+        self._edges: list[np.ndarray] | None = [] if keep_edges and boundary is not None and \
+            boundary.rule == "pad-start" else None
+        self._context = None if boundary is None else np.full(max_n - 1, boundary.pad, dtype=np.int64)
         bits = id_bits(self.vocab_size)
         self.layouts = {n: KeyLayout(n, bits) for n in range(1, max_n + 1)}
         self._spill_parent = Path(spill_dir) if spill_dir is not None else None
@@ -148,12 +162,12 @@ class NgramCounter:
         if self._finished:
             raise RuntimeError("NgramCounter.add after finish")
         self.documents += lengths.shape[0]
-        if ids.size == 0:
+        if ids.size == 0 and self._edges is None:
             return
         self._pending.append(ids)
         self._pending_lengths.append(lengths)
         self._pending_tokens += ids.size
-        self.tokens += ids.size
+        self.tokens += ids.size + (0 if self.boundary is None else int(np.count_nonzero(lengths)))
         if self._pending_tokens >= min(_EXTRACT_TOKENS, self.buffer_tokens):
             self._extract()
 
@@ -163,11 +177,14 @@ class NgramCounter:
         lengths = np.concatenate(self._pending_lengths)
         flat = np.concatenate(self._pending)
         self._pending, self._pending_lengths, self._pending_tokens = [], [], 0
-        lo, hi = int(flat.min()), int(flat.max())
-        if lo < 0 or hi >= self.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise InputError(f"id {bad} is outside the canonical vocabulary 0..{self.vocab_size - 1}",
-                             "map tokenizer ids to canonical ids (the vocab map) before counting")
+        if flat.size:
+            lo, hi = int(flat.min()), int(flat.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise InputError(f"id {bad} is outside the canonical vocabulary 0..{self.vocab_size - 1}",
+                                 "map tokenizer ids to canonical ids (the vocab map) before counting")
+        if self.boundary is not None:
+            flat, lengths = self._join(flat, lengths)
         if self._unigrams is not None:
             self._unigrams += np.bincount(flat, minlength=self.vocab_size)
         if self._keyed:
@@ -177,6 +194,32 @@ class NgramCounter:
         self._buffered += flat.size
         if self._buffered >= self.buffer_tokens:
             self._flush()
+
+    def _join(self, flat: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append the separator to every (non-empty) document and queue the N-grams that reach
+        back across each document's start (or keep its edges for merge_stats)."""
+        b = self.boundary
+        ends = np.cumsum(lengths)[lengths > 0]
+        flat = np.insert(flat.astype(np.int64, copy=False), ends, b.separator)
+        lengths = lengths + (lengths > 0)
+        if self.max_n < 2:
+            return flat, lengths
+        heads, tails = split_edges(flat, lengths, self.max_n - 1)
+        if self._edges is not None:
+            self._edges.append(np.concatenate([lengths[:, None], heads, tails], axis=1))
+            return flat, lengths
+        context = None if b.rule == "document" else self._context
+        cross, context = boundary_ngrams(heads, tails, lengths, self.max_n, context=context, pad=b.pad)
+        if b.rule == "pad-start":
+            self._context = context
+        self.add_ngrams(cross)
+        return flat, lengths
+
+    def add_ngrams(self, rows: dict[int, np.ndarray]) -> None:
+        """Count explicit N-grams: ``{n: int [K, n] canonical ids}`` (orders 2..max_n)."""
+        for n, r in rows.items():
+            if r.shape[0]:
+                self._buffers[n].append(self.layouts[n].pack(np.asarray(r).astype(np.uint64)))
 
     def _flush(self) -> None:
         """Reduce each order's buffer to a sorted run; spill when in-memory runs get too big."""
@@ -231,8 +274,11 @@ class NgramCounter:
             self._extract()
             self._flush()
             self._finished = True
-            stats = NgramStats(max_n=self.max_n, vocab_size=self.vocab_size,
-                               documents=self.documents, tokens=self.tokens)
+            stats = NgramStats(max_n=self.max_n, vocab_size=self.vocab_size, documents=self.documents,
+                               tokens=self.tokens, boundary=None if self.boundary is None else self.boundary.to_dict(),
+                               edges=None if self._edges is None else (
+                                   np.concatenate(self._edges) if self._edges
+                                   else np.empty((0, 2 * self.max_n - 1), np.int64)))
             for n, layout in self.layouts.items():
                 progress("merge", n - 1, self.max_n, order=n)
                 if n not in self._keyed:  # 1-grams counted in an array: already unique, in id order
@@ -282,3 +328,61 @@ def count_ngrams(docs: Iterable, max_n: int, vocab_size: int, **counter_options)
     with NgramCounter(max_n, vocab_size=vocab_size, **counter_options) as counter:
         counter.add_many(docs)
         return counter.finish()
+
+
+def merge_stats(parts: Sequence[NgramStats]) -> NgramStats:
+    """Combine counts of disjoint document sets: the shards I/N for I = 0..N-1, in that order.
+
+    The result equals exactly one count over all their documents: N-grams inside documents add
+    up, and under the pad-start rule the N-grams across every document boundary are added from
+    the shards' kept edges, document i being the (i // N)-th of shard i % N. All parts must share
+    ``max_n``, ``vocab_size`` and the boundary rule.
+    """
+    if not parts:
+        raise ConfigError("nothing to merge", "pass at least one set of N-gram counts")
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.max_n, p.vocab_size) != (first.max_n, first.vocab_size):
+            raise ArtifactError(
+                f"cannot merge counts of max_n {p.max_n} / vocab {p.vocab_size} with max_n {first.max_n} / "
+                f"vocab {first.vocab_size}", "count every shard with the same --max-n and vocab")
+        if p.boundary != first.boundary:
+            raise ArtifactError(f"cannot merge counts under boundary {p.boundary} with counts under {first.boundary}",
+                                "count every shard with the same --boundary and separator")
+    bits = id_bits(first.vocab_size)
+    out = NgramStats(max_n=first.max_n, vocab_size=first.vocab_size, boundary=first.boundary,
+                     documents=sum(p.documents for p in parts), tokens=sum(p.tokens for p in parts))
+    cross = _cross_shard_ngrams(parts)
+    for n in range(1, first.max_n + 1):
+        layout = KeyLayout(n, bits)
+        keys = [layout.pack(p.ngrams[n]) for p in parts]
+        counts = [p.counts[n] for p in parts]
+        if n in cross and cross[n].shape[0]:
+            keys.append(layout.pack(cross[n]))
+            counts.append(np.ones(cross[n].shape[0], np.int64))
+        ukeys, ucounts = reduce_keys(np.concatenate(keys), np.concatenate(counts))
+        out.ngrams[n], out.counts[n] = _sorted_stats(layout, ukeys, ucounts)
+    return out
+
+
+def _cross_shard_ngrams(parts: Sequence[NgramStats]) -> dict[int, np.ndarray]:
+    """The pad-start N-grams across the documents of sharded counts (their edges, interleaved)."""
+    if not any(p.edges is not None for p in parts):
+        return {}
+    N, first = len(parts), parts[0]
+    if any(p.edges is None for p in parts):
+        raise ArtifactError("some shards kept their documents' edges and some did not",
+                            "count every shard with the same engram version and --boundary")
+    D = sum(p.documents for p in parts)
+    expected = [len(range(i, D, N)) for i in range(N)]
+    if [p.documents for p in parts] != expected:
+        raise ArtifactError(f"shards of {[p.documents for p in parts]} documents are not the {N} shards of "
+                            f"one corpus of {D} documents ({expected})",
+                            "count every shard of the corpus without --max-tokens, with the same --shard I/N")
+    edges = np.empty((D, parts[0].edges.shape[1]), np.int64)
+    for i, p in enumerate(parts):
+        edges[i::N] = p.edges
+    w = first.max_n - 1
+    cross, _ = boundary_ngrams(edges[:, 1:1 + w], edges[:, 1 + w:], edges[:, 0], first.max_n,
+                               context=np.full(w, first.boundary["pad"], np.int64), pad=first.boundary["pad"])
+    return cross

@@ -120,10 +120,14 @@ def _hash_worker(flat: np.ndarray, T: int, mults: tuple[int, ...], primes: tuple
         np.copyto(out[s:e], slots[:, :n].T)               # (n, H): the one transposing copy
 
 
-def _hash_torch(x: Any, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...], pad: int) -> Any:
-    """Torch path (any device): same arithmetic in torch ops. x [T] or [B, T] int64."""
+def _hash_torch(x: Any, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...], pad: int,
+                separator: int | None = None) -> Any:
+    """Torch path (any device): same arithmetic in torch ops. x [T] or [B, T] int64. With a
+    ``separator`` (the document rule) ids before a document's start read the pad id too."""
     import torch
     import torch.nn.functional as F
+
+    from engram_cli.boundary import torch_document_mask
 
     squeeze = x.dim() == 1
     x2 = x.unsqueeze(0) if squeeze else x                      # (B, T)
@@ -132,6 +136,8 @@ def _hash_torch(x: Any, mults: tuple[int, ...], primes: tuple[tuple[int, ...], .
     mix = x2 * mults[0]                                         # (B, T) int64, wraps on overflow
     for k in range(1, len(mults)):
         shifted = F.pad(x2, (k, 0), value=pad)[:, :T]            # id[t-k], pad before the start
+        if separator is not None:                                 # and before the document's start
+            shifted = torch.where(torch_document_mask(x2, separator, k), shifted, pad)
         mix = torch.bitwise_xor(mix, shifted * mults[k])
         for p in primes[k - 1]:
             outs.append(torch.remainder(mix, p))                # floor mod: in [0, p)

@@ -35,7 +35,13 @@ from typing import Any
 import numpy as np
 
 from engram_cli.artifacts import atomic_write_json
-from engram_cli.errors import ArtifactError, ConfigError, InputError
+from engram_cli.boundary import (
+    BOUNDARY_RULES,
+    DEFAULT_BOUNDARY,
+    document_mask_reference,
+    restart_after_separators,
+)
+from engram_cli.errors import ConfigError, InputError
 from engram_cli.hash_kernels import _hash_array, _hash_torch
 
 PLAN_FORMAT = "engram.table_plan"
@@ -174,12 +180,32 @@ class TablePlan:
     # every head's table has exactly one row (size 1, not a prime): every n-gram of an order shares
     # it, so the tables memorize nothing. The capacity-1 control of ``engram sweep memory --slots 1``
     single_row: bool = False
+    # what N-grams at a document's start read (engram_cli.boundary): "pad-start" (the reference:
+    # straight across the separator) or "document" (restart after it); the separator is the
+    # ORIGINAL id appended after every document, None in plans from before the rule existed
+    # (their counts stop at document ends and include no separator)
+    boundary: str = DEFAULT_BOUNDARY
+    separator_id: int | None = None
+    canonical_separator_id: int | None = None
 
     def __hash__(self) -> int:  # the dict fields are unhashable; hash their frozen contents
         return hash((self.seed, self.max_ngram_size, self.n_head_per_ngram, self.layer_ids, self.pad_id,
                      self.canonical_pad_id, self.canonical_vocab_size, self.original_vocab_size,
                      self.target_sizes, tuple(sorted(self.multipliers.items())),
-                     tuple(sorted(self.primes.items())), self.embed_dim_per_head, self.single_row))
+                     tuple(sorted(self.primes.items())), self.embed_dim_per_head, self.single_row,
+                     self.boundary, self.separator_id, self.canonical_separator_id))
+
+    @property
+    def restarts(self) -> bool:
+        """True when hashing restarts after every separator (the document rule)."""
+        return self.boundary == "document"
+
+    def boundary_dict(self) -> dict[str, Any]:
+        """The boundary fields as written in the plan (empty for a plan without a separator)."""
+        if self.separator_id is None:
+            return {}
+        return {"boundary": self.boundary, "separator_id": self.separator_id,
+                "canonical_separator_id": self.canonical_separator_id}
 
     # ---- shape figures
 
@@ -242,12 +268,15 @@ class TablePlan:
             "primes": {str(k): [list(o) for o in v] for k, v in self.primes.items()},
             **({"preset": self.preset} if self.preset is not None else {}),
             **({"single_row": True} if self.single_row else {}),  # absent otherwise: older plans keep their sha256
+            **self.boundary_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TablePlan:
         """Rebuild a plan from :meth:`to_dict` output, checking everything (raises ArtifactError)."""
-        return _plan_from_dict(d)
+        from engram_cli.plan_file import plan_from_dict
+
+        return plan_from_dict(d)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON, atomically (temp file + rename)."""
@@ -257,9 +286,10 @@ class TablePlan:
     def load(cls, path: str | os.PathLike) -> TablePlan:
         """Read and validate a plan written by :meth:`save` (raises ArtifactError)."""
         from engram_cli.artifacts import read_json
+        from engram_cli.plan_file import plan_from_dict
 
         d = read_json(path, what="table plan", producer="engram build-tables")
-        return _plan_from_dict(d, source=str(path))
+        return plan_from_dict(d, source=str(path))
 
 
 def row_bytes(dtype: str, embed_dim_per_head: int) -> int:
@@ -273,118 +303,12 @@ def row_bytes(dtype: str, embed_dim_per_head: int) -> int:
     return embed_dim_per_head * value_bytes + scales
 
 
-_PLAN_KEYS = ("format", "format_version", "seed", "max_ngram_size", "n_head_per_ngram", "layer_ids",
-              "pad_id", "canonical_pad_id", "canonical_vocab_size", "original_vocab_size",
-              "target_sizes", "embed_dim_per_head", "multipliers", "primes")
-
-
-class _PlanDoc:
-    """Reads a plan's JSON dict, every check raising one ArtifactError that names the file."""
-
-    def __init__(self, d: Any, source: str):
-        self.d, self.source = d, source
-
-    def bad(self, msg: str) -> ArtifactError:
-        return ArtifactError(f"{self.source}: {msg}", "recreate it with `engram build-tables --force`")
-
-    @staticmethod
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def int_list(self, v: Any, what: str) -> list[int]:
-        if not isinstance(v, list) or not all(self.is_int(x) for x in v):
-            raise self.bad(f"{what} must be a list of integers")
-        return v
-
-    def header(self) -> tuple[list[int], list[int], bool]:
-        """Format, keys, scalar fields; returns (layer ids, target sizes, single_row)."""
-        d, bad = self.d, self.bad
-        if not isinstance(d, dict):
-            raise bad("expected a JSON object")
-        if "preset" in d and not isinstance(d["preset"], str):
-            raise bad(f"preset must be a name, got {d['preset']!r}")
-        single_row = d.get("single_row", False)
-        if single_row is not False and single_row is not True:
-            raise bad(f"single_row must be true or false, got {single_row!r}")
-        if d.get("format") != PLAN_FORMAT:
-            raise bad(f"format is {d.get('format')!r}, expected {PLAN_FORMAT!r}")
-        if d.get("format_version") != PLAN_VERSION:
-            raise bad(f"format version {d.get('format_version')!r}, this engram reads {PLAN_VERSION}")
-        missing = [k for k in _PLAN_KEYS if k not in d]
-        if missing:
-            raise bad(f"missing keys: {', '.join(missing)}")
-        unknown = sorted(set(d) - set(_PLAN_KEYS) - {"preset", "single_row"})
-        if unknown:
-            raise bad(f"unknown keys: {', '.join(unknown)}")
-        for k in ("seed", "max_ngram_size", "n_head_per_ngram", "pad_id", "canonical_pad_id",
-                  "canonical_vocab_size", "original_vocab_size", "embed_dim_per_head"):
-            if not self.is_int(d[k]):
-                raise bad(f"{k} must be an integer, got {d[k]!r}")
-        max_n, vsize = d["max_ngram_size"], d["canonical_vocab_size"]
-        if max_n < 2 or d["n_head_per_ngram"] < 1 or vsize < 1 or d["original_vocab_size"] < 1 \
-                or d["embed_dim_per_head"] < 1:
-            raise bad("max_ngram_size >= 2, n_head_per_ngram, vocabulary sizes and embed_dim_per_head >= 1 required")
-        if not 0 <= d["canonical_pad_id"] < vsize:
-            raise bad(f"canonical_pad_id {d['canonical_pad_id']} is outside [0, {vsize})")
-        layers = self.int_list(d["layer_ids"], "layer_ids")
-        if not layers or len(set(layers)) != len(layers):
-            raise bad("layer_ids must be a non-empty list of distinct integers")
-        targets = self.int_list(d["target_sizes"], "target_sizes")
-        if len(targets) != max_n - 1 or any(t < 1 for t in targets):
-            raise bad(f"target_sizes must hold {max_n - 1} positive integers (one per order)")
-        if single_row and any(t != 1 for t in targets):
-            raise bad("a single_row plan has target size 1 for every order")
-        for k in ("multipliers", "primes"):
-            if not isinstance(d[k], dict) or sorted(d[k]) != sorted(str(x) for x in layers):
-                raise bad(f"{k} must have one entry per layer id {layers}")
-        return layers, targets, single_row
-
-    def layer(self, layer: int, targets: list[int], single_row: bool, seen: set[int]):
-        """One layer's multipliers and head sizes (distinct primes >= the targets; 1 if single_row)."""
-        d, bad, max_n, heads = self.d, self.bad, self.d["max_ngram_size"], self.d["n_head_per_ngram"]
-        m = self.int_list(d["multipliers"][str(layer)], f"multipliers of layer {layer}")
-        if len(m) != max_n or any(x <= 0 or x % 2 == 0 or x > MAX_LONG for x in m):
-            raise bad(f"multipliers of layer {layer} must be {max_n} odd positive int64 values")
-        orders = d["primes"][str(layer)]
-        if not isinstance(orders, list) or len(orders) != max_n - 1:
-            raise bad(f"primes of layer {layer} must hold {max_n - 1} lists (one per order)")
-        per_order = []
-        for n, (order, target) in enumerate(zip(orders, targets), start=2):
-            ps = self.int_list(order, f"primes of layer {layer}, order {n}")
-            if len(ps) != heads:
-                raise bad(f"layer {layer}, order {n} has {len(ps)} head sizes, expected {heads}")
-            for p in ps:
-                if single_row:
-                    if p != 1:
-                        raise bad(f"head size {p} (layer {layer}, order {n}) of a single_row plan is not 1")
-                    continue
-                if p < target or p > MAX_LONG or not is_prime(p):
-                    raise bad(f"head size {p} (layer {layer}, order {n}) is not a prime >= target {target}")
-                if p in seen:
-                    raise bad(f"head size {p} is used twice; every head needs its own prime")
-                seen.add(p)
-            per_order.append(tuple(ps))
-        return tuple(m), tuple(per_order)
-
-
-def _plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
-    doc = _PlanDoc(d, source)
-    layers, targets, single_row = doc.header()
-    seen: set[int] = set()
-    tables = {layer: doc.layer(layer, targets, single_row, seen) for layer in layers}
-    return TablePlan(seed=d["seed"], max_ngram_size=d["max_ngram_size"], n_head_per_ngram=d["n_head_per_ngram"],
-                     layer_ids=tuple(layers), pad_id=d["pad_id"], canonical_pad_id=d["canonical_pad_id"],
-                     canonical_vocab_size=d["canonical_vocab_size"], original_vocab_size=d["original_vocab_size"],
-                     target_sizes=tuple(targets), multipliers={k: v[0] for k, v in tables.items()},
-                     primes={k: v[1] for k, v in tables.items()}, embed_dim_per_head=d["embed_dim_per_head"],
-                     preset=d["preset"] if isinstance(d.get("preset"), str) else None, single_row=single_row)
-
-
 def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_vocab_size: int,
               pad_id: int = 2, layer_ids: tuple[int, ...] | list[int] = (1, 15), max_ngram_size: int = 3,
               n_head_per_ngram: int = 8, target_sizes: tuple[int, ...] | list[int] | None = None,
               seed: int = 0, embed_dim_per_head: int = 64, preset: str | None = None,
-              single_row: bool = False) -> TablePlan:
+              single_row: bool = False, boundary: str = DEFAULT_BOUNDARY, separator_id: int | None = None,
+              canonical_separator_id: int | None = None) -> TablePlan:
     """Build a :class:`TablePlan` (defaults = the reference Engram configuration).
 
     ``canonical_pad_id`` is ``vocab_map[pad_id]``: the caller maps it, this module knows no vocab.
@@ -392,7 +316,9 @@ def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_voca
     ``engram_vocab_size``). ``single_row`` gives every head a table of exactly one row instead of
     a prime (target sizes must be 1): the capacity-1 control. Without it the smallest tables are
     the primes 2, 3, 5, 7, ... (no prime twice), which together still tell many n-grams apart.
-    Raises ConfigError for impossible values.
+    ``boundary`` is the document-boundary rule (``engram_cli.boundary``); ``separator_id`` the
+    original id after every document and ``canonical_separator_id`` its canonical id (both needed
+    by the ``document`` rule). Raises ConfigError for impossible values.
     """
     def need(cond: bool, msg: str, hint: str = "see `engram build-tables --help` for the plan's options") -> None:
         if not cond:
@@ -413,6 +339,15 @@ def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_voca
     need(all(x >= 0 for x in layer_ids), f"layer ids must be non-negative: {list(layer_ids)}",
          "Engram layers are block indices 0..n_layer-1, e.g. --layers 1,15")
     need(0 <= seed < 2**63, f"seed must be in [0, 2^63), got {seed}", "e.g. --seed 0 (the reference)")
+    need(boundary in BOUNDARY_RULES, f"unknown boundary rule {boundary!r}",
+         f"use one of {', '.join(BOUNDARY_RULES)} (default {DEFAULT_BOUNDARY}, the reference's)")
+    need((separator_id is None) == (canonical_separator_id is None),
+         "a separator needs both its original and its canonical id", "pass separator_id and canonical_separator_id")
+    need(separator_id is not None or boundary == DEFAULT_BOUNDARY,
+         f"the {boundary} rule needs the document separator", "pass separator_id (the tokenizer's EOS id)")
+    need(separator_id is None or (0 <= separator_id < original_vocab_size
+                                  and 0 <= canonical_separator_id < canonical_vocab_size),
+         f"separator id {separator_id} / canonical {canonical_separator_id} is outside the vocabularies")
     n_orders = max_ngram_size - 1
     if target_sizes is None:
         target_sizes = (5 * original_vocab_size,) * n_orders
@@ -435,7 +370,18 @@ def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_voca
         target_sizes=target_sizes,
         multipliers=make_multipliers(canonical_vocab_size, layer_ids, max_ngram_size, seed),
         primes=primes, embed_dim_per_head=int(embed_dim_per_head), preset=preset, single_row=bool(single_row),
+        boundary=boundary, separator_id=None if separator_id is None else int(separator_id),
+        canonical_separator_id=None if canonical_separator_id is None else int(canonical_separator_id),
     )
+
+
+def vocab_fields(template: TablePlan) -> dict[str, Any]:
+    """The :func:`make_plan` arguments a derived plan keeps from its template: the vocabulary
+    (sizes, pad and separator ids) and the boundary rule, so it hashes the same keys the same way."""
+    return {"canonical_vocab_size": template.canonical_vocab_size, "canonical_pad_id": template.canonical_pad_id,
+            "original_vocab_size": template.original_vocab_size, "pad_id": template.pad_id,
+            "boundary": template.boundary, "separator_id": template.separator_id,
+            "canonical_separator_id": template.canonical_separator_id}
 
 
 #: the plan options :func:`replan` can change (the ``[plan]`` settings of ``engram train``)
@@ -460,9 +406,7 @@ def replan(template: TablePlan, *, n_head_per_ngram: int | None = None, max_ngra
     else:
         targets = (template.target_sizes[0],) * (max_n - 1)
     pick = lambda new, old: old if new is None else new  # noqa: E731
-    return make_plan(canonical_vocab_size=template.canonical_vocab_size, canonical_pad_id=template.canonical_pad_id,
-                     original_vocab_size=template.original_vocab_size, pad_id=template.pad_id,
-                     layer_ids=pick(layer_ids, template.layer_ids), max_ngram_size=max_n,
+    return make_plan(**vocab_fields(template), layer_ids=pick(layer_ids, template.layer_ids), max_ngram_size=max_n,
                      n_head_per_ngram=pick(n_head_per_ngram, template.n_head_per_ngram), target_sizes=targets,
                      seed=template.seed, embed_dim_per_head=pick(embed_dim_per_head, template.embed_dim_per_head),
                      single_row=single_row)
@@ -478,7 +422,9 @@ def hash_ngrams(canonical_ids: Any, plan: TablePlan, layer_id: int, *,
 
     canonical_ids: canonical token ids, [B, T] (B sequences) or [T] (one sequence), as a NumPy
         integer array or a torch integer tensor on any device. Each row is a sequence: positions
-        before its start read ``plan.canonical_pad_id``. Ids are not range-checked; ids outside
+        before its start read ``plan.canonical_pad_id``; under the plan's ``document`` boundary
+        rule so do positions before the start of a document (after a separator; see
+        ``engram_cli.boundary``). Ids are not range-checked; ids outside
         [0, V) are hashed with the same wrap-around int64 arithmetic as the reference.
     layer_id: one of ``plan.layer_ids`` (each layer has its own multipliers and primes).
     num_threads: worker threads of the NumPy path (None: up to 4, one per 2 chunks of 32768
@@ -499,15 +445,26 @@ def hash_ngrams(canonical_ids: Any, plan: TablePlan, layer_id: int, *,
         if x.dim() not in (1, 2):
             raise InputError(f"token ids must be [T] or [B, T], got shape {tuple(x.shape)}")
         if x.device.type != "cpu":
-            return _hash_torch(x.long(), mults, primes, plan.canonical_pad_id)
-        out = _hash_array(x.detach().long().numpy(), mults, primes, plan.canonical_pad_id, num_threads)
-        return torch.from_numpy(out)
+            sep = plan.canonical_separator_id if plan.restarts else None
+            return _hash_torch(x.long(), mults, primes, plan.canonical_pad_id, sep)
+        return torch.from_numpy(_hash_numpy_ids(x.detach().long().numpy(), plan, mults, primes, num_threads))
     x = np.asarray(canonical_ids)
     if x.dtype.kind not in "iu":
         raise InputError(f"token ids must be integers, got dtype {x.dtype}")
     if x.ndim not in (1, 2):
         raise InputError(f"token ids must be [T] or [B, T], got shape {x.shape}")
-    return _hash_array(x, mults, primes, plan.canonical_pad_id, num_threads)
+    return _hash_numpy_ids(x, plan, mults, primes, num_threads)
+
+
+def _hash_numpy_ids(x: np.ndarray, plan: TablePlan, mults, primes, num_threads: int | None) -> np.ndarray:
+    """The NumPy path: the fast kernel, then (document rule) every document restarted."""
+    out = _hash_array(x, mults, primes, plan.canonical_pad_id, num_threads)
+    if plan.restarts and x.size:
+        ids2 = x.reshape(1, -1) if x.ndim == 1 else x
+        restart_after_separators(ids2, out.reshape(*ids2.shape, -1), plan.canonical_separator_id,
+                                 plan.max_ngram_size - 1,
+                                 lambda w: _hash_array(w, mults, primes, plan.canonical_pad_id, 1))
+    return out
 
 
 def hash_ngrams_reference(canonical_ids: np.ndarray, plan: TablePlan, layer_id: int) -> np.ndarray:
@@ -515,7 +472,8 @@ def hash_ngrams_reference(canonical_ids: np.ndarray, plan: TablePlan, layer_id: 
 
     Pad-shift the [B, T] ids right by k = 1..N-1 positions (filling with the canonical pad id),
     XOR the id * multiplier products of each suffix n-gram, take ``%`` of every head's prime, and
-    stack the heads. Slow and memory-hungry (N-1 shifted copies), but easy to check line by line
+    stack the heads. Under the document rule (``plan.boundary``) an id before the start of the
+    position's document (after a separator) reads the pad id as well. Slow and memory-hungry (N-1 shifted copies), but easy to check line by line
     against the reference; the tests and ``benchmarks/bench_hashing.py`` compare the fast path
     with it bit for bit.
     """
@@ -525,6 +483,9 @@ def hash_ngrams_reference(canonical_ids: np.ndarray, plan: TablePlan, layer_id: 
     mults = plan.multipliers[plan._layer(layer_id)]
     shifted = [ids] + [np.pad(ids, ((0, 0), (k, 0)), constant_values=plan.canonical_pad_id)[:, :T]
                        for k in range(1, plan.max_ngram_size)]
+    if plan.restarts:  # the document rule: ids before the document's start read the pad id too
+        shifted = [ids] + [np.where(document_mask_reference(ids, plan.canonical_separator_id, k), s,
+                                    plan.canonical_pad_id) for k, s in enumerate(shifted[1:], start=1)]
     heads = []
     for n in range(2, plan.max_ngram_size + 1):
         mix = shifted[0] * np.int64(mults[0])

@@ -22,6 +22,8 @@ _SHARD_AGREEMENT = (
     (("config", "tokenizer"), "--tokenizer"),
     (("inputs", "corpus", "corpus_sha256"), "corpus (file contents)"),
     (("inputs", "vocab", "sha256"), "vocab map"),
+    (("config", "boundary"), "--boundary"),
+    (("config", "eos_token"), "--eos-token"),
 )
 
 

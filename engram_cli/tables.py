@@ -82,6 +82,8 @@ class BuildTablesConfig:
     dtype: str | None = None                     # row storage for memory figures/budget (bf16; hashing.TABLE_DTYPES)
     target_collision_rate: float | None = None   # size each order so uniform hashing collides this often
     memory_budget: int | None = None             # bytes for all tables, at `dtype`
+    boundary: str = "pad-start"                  # document-boundary rule (engram_cli.boundary; the reference's)
+    eos_token: str = "auto"                      # the separator after every document (train's data.eos_token)
     top_ngrams: int = 20                         # most frequent n-grams listed per order in the report
     sweep: bool = False                          # measure collision rate vs table size and plot it
     spill_dir: Path | None = None                # where partial counts spill (default: a temp dir)
@@ -92,7 +94,10 @@ class BuildTablesConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
+        from engram_cli.boundary import check_rule
         from engram_cli.presets import PLAN_OPTIONS, resolve_plan_options
+
+        check_rule(self.boundary)
 
         given = {k: getattr(self, k) for k in PLAN_OPTIONS}
         for key, value in resolve_plan_options(self.preset, given).items():
@@ -319,6 +324,7 @@ def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, progress: Pro
     fingerprint = corpus_fingerprint(spec)
     stats = CorpusStats()
     counter = NgramCounter(config.max_ngram_size, vocab_size=vocab.canonical_vocab_size, spill_dir=config.spill_dir,
+                           boundary=counting_boundary(config, tok, vocab), keep_edges=config.shard is not None,
                            **counter_sizes(config.memory_limit, config.max_ngram_size, vocab.canonical_vocab_size))
     batches = iter_tokenized(spec, tok.tokenizer, stats=stats, batch_size=config.batch_size, progress=progress)
     for batch in prefetch(batches):
@@ -332,8 +338,24 @@ def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, progress: Pro
     return ngrams, stats, fingerprint
 
 
+def separator_ids(config: BuildTablesConfig, tok, vocab: VocabMap) -> tuple[int, int]:
+    """(original, canonical) id of the document separator: ``--eos-token``, or the tokenizer's EOS."""
+    from engram_cli.data import find_eos_id
+
+    sep = find_eos_id(tok.tokenizer, config.eos_token)
+    return sep, int(vocab.table[sep])
+
+
+def counting_boundary(config: BuildTablesConfig, tok, vocab: VocabMap):
+    """The :class:`engram_cli.boundary.Boundary` the corpus is counted under."""
+    from engram_cli.boundary import Boundary
+
+    return Boundary(config.boundary, separator_ids(config, tok, vocab)[1], int(vocab.table[config.pad_id]))
+
+
 def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, progress: ProgressFn):
-    from engram_cli.ngrams import NgramStats, merge_stats
+    from engram_cli.counting import merge_stats
+    from engram_cli.ngram_stats import NgramStats
 
     manifests = [(Path(d), *read_shard(Path(d))) for d in config.from_shards]
     for d, m, _ in manifests:
@@ -341,6 +363,7 @@ def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, progress: Progress
             raise ArtifactError(f"shard {d} was counted with another vocab map",
                                 f"recount it with --vocab {config.vocab}, or pass the matching --vocab")
     check_shards(manifests)
+    manifests.sort(key=lambda x: x[2][0])  # shard 0/N first: merge_stats interleaves the documents in order
     n = manifests[0][1]["config"]["max_ngram_size"]
     if n != config.max_ngram_size:
         raise InputError(f"the shards counted up to n={n}, this run wants --max-ngram-size {config.max_ngram_size}",
@@ -350,6 +373,11 @@ def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, progress: Progress
                "corpus": m["inputs"]["corpus"]} for d, m, shard in manifests]
     progress("merge", 0, 1)
     merged = merge_stats(parts)
+    rule = (merged.boundary or {}).get("rule")
+    if rule != config.boundary:
+        raise InputError(f"the shards were counted under the {rule or 'within-document'} boundary rule, this run "
+                         f"wants --boundary {config.boundary}",
+                         f"pass --boundary {rule}" if rule else "recount the shards with this engram version")
     progress("merge", 1, 1)
     return merged, inputs
 
@@ -420,6 +448,7 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
                           "pass an original token id, e.g. --pad-id 2 (DeepSeek's pad token)")
     if config.plan_only:
         return _plan_only(config, vocab, tok, t0)
+    separator_ids(config, tok, vocab)  # a tokenizer without the separator fails before counting
     if config.shard is None:  # impossible plan options and budgets fail before counting
         _check_plan_options(config, vocab)
         if config.memory_budget is not None:
@@ -451,10 +480,10 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
             w.summary = {**summary, "distinct": {str(r["n"]): r["distinct"] for r in orders}}
         return BuildTablesResult(out=Path(config.out), kind="shard", top={}, plan=None, memory=None,
                                  collisions=None, sweep=None, **common)
-    return _plan_and_measure(config, vocab, ngrams, inputs, summary, common, progress)
+    return _plan_and_measure(config, vocab, tok, ngrams, inputs, summary, common, progress)
 
 
-def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, ngrams, inputs: dict, summary: dict,
+def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, tok, ngrams, inputs: dict, summary: dict,
                       common: dict, progress: ProgressFn) -> BuildTablesResult:
     """The plan, its collisions and hot rows measured on the counts, the ``engram.tables`` artifact."""
     from concurrent.futures import ThreadPoolExecutor
@@ -467,7 +496,7 @@ def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, ngrams, inputs
     from engram_cli.hotrows import cache_lines, hot_row_curves, plot_hot_rows
     from engram_cli.presets import check_published_rows
 
-    plan = _make_plan(config, vocab, ngrams)
+    plan = _make_plan(config, vocab, tok, ngrams)
     memory = {d: plan.memory_bytes(d) for d in TABLE_DTYPES}
     published = check_published_rows(config.preset, {layer: plan.total_slots(layer) for layer in plan.layer_ids})
     by_order = {n: ngrams.ngrams[n] for n in range(2, config.max_ngram_size + 1)}
@@ -498,10 +527,12 @@ def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, ngrams, inputs
                              hot_row_lines=hot_lines, **common)
 
 
-def _make_plan(config: BuildTablesConfig, vocab: VocabMap, ngrams) -> TablePlan:
+def _make_plan(config: BuildTablesConfig, vocab: VocabMap, tok, ngrams) -> TablePlan:
     from engram_cli.hashing import make_plan
 
-    return make_plan(canonical_vocab_size=vocab.canonical_vocab_size,
+    sep, canonical_sep = separator_ids(config, tok, vocab)
+    return make_plan(boundary=config.boundary, separator_id=sep, canonical_separator_id=canonical_sep,
+                     canonical_vocab_size=vocab.canonical_vocab_size,
                      canonical_pad_id=int(vocab.table[config.pad_id]),
                      original_vocab_size=vocab.original_vocab_size, pad_id=config.pad_id,
                      layer_ids=config.layer_ids, max_ngram_size=config.max_ngram_size,
@@ -526,7 +557,7 @@ def _plan_only(config: BuildTablesConfig, vocab: VocabMap, tok, t0: float) -> Bu
     from engram_cli.hashing import TABLE_DTYPES
     from engram_cli.presets import check_published_rows
 
-    plan = _make_plan(config, vocab, None)
+    plan = _make_plan(config, vocab, tok, None)
     memory = {d: plan.memory_bytes(d) for d in TABLE_DTYPES}
     published = check_published_rows(config.preset, {layer: plan.total_slots(layer) for layer in plan.layer_ids})
     with artifact_dir(config.out, "engram.plan", force=config.force) as w:

@@ -64,9 +64,13 @@ def test_manifest_and_plan(sample_tables, vocab, deepseek):
     assert plan["layer_ids"] == [1, 15] and plan["n_head_per_ngram"] == 8 and plan["pad_id"] == 2
     assert plan["canonical_pad_id"] == int(vocab(np.array([2]))[0])
     assert plan["target_sizes"] == [5 * 129_280, 5 * 129_280]  # the reference default
+    # the reference's boundary rule, DeepSeek's end-of-sentence token (id 1) after every document
+    assert (plan["boundary"], plan["separator_id"]) == ("pad-start", 1)
+    assert plan["canonical_separator_id"] == int(vocab(np.array([1]))[0])
     t = load_tables(sample_tables)
     assert t.plan == make_plan(canonical_vocab_size=vocab.canonical_vocab_size,
-                               canonical_pad_id=plan["canonical_pad_id"], original_vocab_size=129_280)
+                               canonical_pad_id=plan["canonical_pad_id"], original_vocab_size=129_280,
+                               separator_id=1, canonical_separator_id=plan["canonical_separator_id"])
 
 
 def test_counts_and_collision_rows_are_consistent(sample_tables):

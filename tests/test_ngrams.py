@@ -8,14 +8,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from engram_cli.counting import NgramCounter, count_ngrams, counter_sizes
+from engram_cli.counting import NgramCounter, count_ngrams, counter_sizes, merge_stats
 from engram_cli.errors import ArtifactError, ConfigError, InputError
+from engram_cli.ngram_stats import NgramStats, order_by_count
 from engram_cli.ngrams import (
     KeyLayout,
-    NgramStats,
     group_rows,
-    merge_stats,
-    order_by_count,
     reduce_keys,
     reduce_keys_lexsort,
 )
@@ -96,12 +94,12 @@ def test_add_batch_equals_naive_counter(buffers, vocab_size, tmp_path):
 
 
 def test_results_unpacked_in_blocks_are_the_same(monkeypatch):
-    from engram_cli import ngrams
+    from engram_cli import ngram_stats
 
     rng = np.random.default_rng(12)
     docs = random_docs(rng, 60, count=80)
     whole = count_ngrams(docs, 3, 60, buffer_tokens=40)
-    monkeypatch.setattr(ngrams, "_UNPACK_ROWS", 7)
+    monkeypatch.setattr(ngram_stats, "_UNPACK_ROWS", 7)
     blocks = count_ngrams(docs, 3, 60, buffer_tokens=40)
     for n in (1, 2, 3):
         assert np.array_equal(blocks.ngrams[n], whole.ngrams[n]) and np.array_equal(blocks.counts[n], whole.counts[n])

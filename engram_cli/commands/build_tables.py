@@ -65,6 +65,8 @@ def build_tables_command(
     n_head_per_ngram: Annotated[Optional[int], typer.Option("--heads-per-ngram", min=1, help="Hash heads per n-gram order (reference: 8).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Multiplier seed (reference: 0).")] = None,
     pad_id: Annotated[Optional[int], typer.Option("--pad-id", min=0, help="Original token id read before a sequence starts (reference: 2).")] = None,
+    boundary: Annotated[str, typer.Option("--boundary", metavar="RULE", help="What n-grams at a document's start read: pad-start (the reference: straight across the separator after the previous document) or document (restart after it, as at a sequence start). Recorded in the plan; training, eval and inspect-gates hash by it.")] = "pad-start",
+    eos_token: Annotated[str, typer.Option("--eos-token", metavar="TOKEN", help="The separator after every document (auto: the tokenizer's end-of-sequence token); training must use the same one.")] = "auto",
     embed_dim_per_head: Annotated[Optional[int], typer.Option("--embed-dim-per-head", min=1, help="Row width of each head's table (reference: 512 / 8 = 64).")] = None,
     target_size: Annotated[Optional[int], typer.Option("--target-size", help="Slots per head for every order (default: 5 x vocabulary size).")] = None,
     target_collision_rate: Annotated[Optional[float], typer.Option("--target-collision-rate", metavar="RATE", help="Size each order so uniform hashing leaves this share of distinct n-grams colliding.")] = None,
@@ -83,7 +85,7 @@ def build_tables_command(
 ) -> None:
     """Count a corpus's n-grams, plan prime-sized multi-head hash tables, and measure collisions.
 
-    Tokenizes the corpus with the vocab's tokenizer, maps ids to canonical ids, counts every 1..N-gram exactly (never across documents), makes the table plan `engram train` reads (prime sizes per layer, order and head; hash multipliers — the reference Engram scheme), and measures how often the hashing collides at those sizes beside what uniform hashing predicts.
+    Tokenizes the corpus with the vocab's tokenizer, maps ids to canonical ids, counts every 1..N-gram of the documents joined by their separator exactly, as the model will hash them (--boundary), makes the table plan `engram train` reads (prime sizes per layer, order and head; hash multipliers — the reference Engram scheme), and measures how often the hashing collides at those sizes beside what uniform hashing predicts.
     """
     from engram_cli.commands.render import run_command
     from engram_cli.corpus import CorpusSpec, parse_shard
@@ -107,7 +109,7 @@ def build_tables_command(
         layer_ids=parse_layers(layers) if layers is not None else None, n_head_per_ngram=n_head_per_ngram, seed=seed, pad_id=pad_id,
         embed_dim_per_head=embed_dim_per_head, target_size=target_size, target_collision_rate=target_collision_rate,
         memory_budget=parse_bytes(memory_budget) if memory_budget else None,
-        dtype=dtype, top_ngrams=top_ngrams, sweep=sweep, spill_dir=spill_dir,
+        dtype=dtype, boundary=boundary, eos_token=eos_token, top_ngrams=top_ngrams, sweep=sweep, spill_dir=spill_dir,
         memory_limit=parse_bytes(memory_limit, "--memory-limit") if memory_limit else None, threads=threads,
         force=force)
     run_command(build_tables, config, render, json_out=json_out, quiet=quiet, rate_key="tokens")
@@ -202,6 +204,10 @@ def render_plan(result) -> None:
                   + ("[green]✓ exact[/]" if same else "[red]✗ differs[/]"))
     out.print("memory: " + "   ".join(f"{d} [bold]{_bytes(b)}[/]" for d, b in result.memory.items())
               + f"   [dim]({plan.total_slots_all:,} rows of {plan.embed_dim_per_head} dims)[/]")
+    if plan.separator_id is not None:
+        out.print(f"boundary: [bold]{plan.boundary}[/] [dim](separator id {plan.separator_id}, canonical "
+                  f"{plan.canonical_separator_id}; "
+                  + ("n-grams read across it" if plan.boundary == "pad-start" else "hashing restarts after it") + ")[/]")
 
 
 def render_collisions(report) -> None:

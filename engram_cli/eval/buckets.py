@@ -6,7 +6,8 @@
   training could have taught this continuation). Its count is taken exactly over the run's
   *training* ranges of the cached stream with :class:`engram_cli.counting.NgramCounter`, each
   training range one document (an n-gram never joins two ranges; inside a range it crosses
-  document separators, as the model's windows and the tables' hashing do). Counts are looked up
+  document separators under the plan's pad-start rule and restarts after them under the document
+  rule, as the model's hashing does, ``engram_cli.boundary``). Counts are looked up
   through the same key packing (``KeyLayout``, ``group_rows``). A target with fewer than n-1
   tokens before it in the stream is ``unseen``.
 * **Script** of the target token's decoded text (:func:`script_of`).
@@ -26,28 +27,47 @@ from engram_cli.text import is_cjk
 
 
 def training_ngram_counts(stream: np.ndarray, ranges, canonical: np.ndarray, n: int, vocab_size: int,
-                          progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          progress: ProgressFn | None = None, restart: tuple[int, int] | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Every distinct canonical n-gram of the training ranges of ``stream`` (original ids) and its
-    count: (int64 [K, n], int64 [K]). ``canonical`` maps original to canonical ids."""
+    count: (int64 [K, n], int64 [K]). ``canonical`` maps original to canonical ids. ``restart``
+    (the plan's document rule: original separator id, canonical pad id): n-grams read the pad id
+    before a document's start, as the model hashes them (:func:`context_ngrams`)."""
     progress = report(progress)
     total = sum(b - a for a, b in ranges)
     done = 0
     with NgramCounter(n, vocab_size=vocab_size) as counter:
         for a, b in ranges:
-            counter.add(canonical[np.asarray(stream[a:b])])
+            if restart is None:
+                counter.add(canonical[np.asarray(stream[a:b])])
+            else:
+                for s in range(a + n - 1, b, _BLOCK):
+                    counter.add_ngrams({n: context_ngrams(stream, np.arange(s, min(b, s + _BLOCK)), canonical, n,
+                                                          restart)[0]})
             done += b - a
             progress("count", done, total, tokens=done)
         stats = counter.finish()
     return stats.ngrams[n], stats.counts[n]
 
 
-def context_ngrams(stream: np.ndarray, positions: np.ndarray, canonical: np.ndarray, n: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+_BLOCK = 1 << 20  # positions per block of training n-grams under the document rule
+
+
+def context_ngrams(stream: np.ndarray, positions: np.ndarray, canonical: np.ndarray, n: int,
+                   restart: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The canonical n-gram ending at each position (int64 [P, n]; rows of positions without n-1
-    tokens before them are zero) and which positions have one (bool [P])."""
+    tokens before them are zero) and which positions have one (bool [P]). With ``restart``
+    (original separator id, canonical pad id: the document rule) the ids before the start of the
+    position's document read the pad id, as :func:`engram_cli.hashing.hash_ngrams` reads them."""
     valid = positions >= n - 1
     span = np.where(valid, positions, n - 1)[:, None] + np.arange(1 - n, 1)[None, :]  # (P, n), oldest first
-    grams = canonical[np.asarray(stream)[span]]
+    ids = np.asarray(stream)[span]
+    grams = canonical[ids]
+    if restart is not None and n > 1:
+        sep, pad = restart
+        # column j is in another document when a separator lies at columns j .. n-2
+        crossed = np.flip(np.logical_or.accumulate(np.flip(ids[:, :-1] == sep, axis=1), axis=1), axis=1)
+        grams[:, :-1][crossed] = pad
     grams[~valid] = 0
     return grams, valid
 

@@ -156,9 +156,10 @@ def evaluate_run(run: LoadedRun, config: EvalConfig, n: int, docs, progress: Pro
     loss = token_losses(run, text.stream, windows, **kw)
     knocked = token_losses(run, text.stream, windows, knockout=True, **kw) if config.knockout else None
     canonical = run.vocab.table
+    restart = (run.plan.separator_id, run.plan.canonical_pad_id) if run.plan is not None and run.plan.restarts else None
     train_ngrams, train_counts = B.training_ngram_counts(split.stream, split.train, canonical, n,
-                                                         run.vocab.canonical_vocab_size, progress)
-    grams, valid = B.context_ngrams(text.stream, positions, canonical, n)
+                                                         run.vocab.canonical_vocab_size, progress, restart)
+    grams, valid = B.context_ngrams(text.stream, positions, canonical, n, restart)
     counts = np.where(valid, B.lookup_counts(train_ngrams, train_counts, grams, run.vocab.canonical_vocab_size), 0)
     targets = np.asarray(text.stream[positions])
     kinds = {KIND_ALL: (np.zeros(positions.size, dtype=np.int64), ("all",)),

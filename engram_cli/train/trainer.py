@@ -250,6 +250,7 @@ class Trainer:
 
     def _load_inputs(self) -> None:
         """The tables (plan, vocab), the tokenizer and the corpus spec, cross-checked."""
+        from engram_cli.boundary import check_run_boundary
         from engram_cli.budget import allocate
         from engram_cli.corpus import corpus_fingerprint
         from engram_cli.tables import load_tables
@@ -271,6 +272,8 @@ class Trainer:
                                 f"(sha256 {tok.fingerprint[:12]}…, tables {tables.tokenizer_fingerprint[:12]}…)",
                                 "pass the tables' tokenizer (--tokenizer), or rebuild the tables with `engram build-tables`")
         vocab.check_tokenizer(tok)
+        check_run_boundary(tables.plan, tok, self.ds.eos_token, config.tables,
+                       self.resumed.plan() if self.resumed is not None else None)
         self.spec = self.ds.corpus_spec(config.sources)
         self.corpus_fp = corpus_fingerprint(self.spec)
         if self.resumed is not None:  # before tokenizing anything
