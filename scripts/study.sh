@@ -33,7 +33,7 @@ STEPS=${STEPS:-120}
 EVAL_WINDOWS=${EVAL_WINDOWS:-200}
 RATIOS=${RATIOS:-1,0.75,0.5,0.25}
 SLOTS=${SLOTS:-1,1e3,1e4,1e5,3e5}
-ENGRAM=${ENGRAM:-.venv/bin/engram}
+read -r -a engram <<< "${ENGRAM:-.venv/bin/engram}"
 read -r -a sets <<< "${SETS:---set model.n_embd=96 --set model.moe_expert_hidden=144 --set data.min_count=50}"
 sets+=(--set "train.steps=$STEPS" --set "train.warmup_steps=$((STEPS / 10 > 1 ? STEPS / 10 : 1))"
        --set "train.eval_interval=$STEPS")
@@ -45,21 +45,21 @@ step() { echo "== $(date +%T) $*" >&2; }
 done_artifact() { [[ -f $1/manifest.json ]]; }
 if ! done_artifact "$OUT/vocab"; then
     step normalize-vocab
-    "$ENGRAM" normalize-vocab -o "$OUT/vocab" -q
+    "${engram[@]}" normalize-vocab -o "$OUT/vocab" -q
 fi
 if ! done_artifact "$OUT/tables"; then
     step build-tables
-    "$ENGRAM" build-tables "${corpus[@]}" --vocab "$OUT/vocab" --out "$OUT/tables" --layers 1 \
+    "${engram[@]}" build-tables "${corpus[@]}" --vocab "$OUT/vocab" --out "$OUT/tables" --layers 1 \
         --max-ngram-size 3 --heads-per-ngram 4 --embed-dim-per-head 16 --target-collision-rate 0.25 -q
 fi
 time_it() { local t0=$SECONDS; "$@"; echo "   took $((SECONDS - t0)) s" >&2; }
 
 step "allocation sweep ($RATIOS)"
-time_it "$ENGRAM" sweep allocation "${corpus[@]}" -T "$OUT/tables" --ratios "$RATIOS" -o "$OUT/allocation" "${common[@]}" -q
+time_it "${engram[@]}" sweep allocation "${corpus[@]}" -T "$OUT/tables" --ratios "$RATIOS" -o "$OUT/allocation" "${common[@]}" -q
 step "memory sweep ($SLOTS, backbone fixed)"
-time_it "$ENGRAM" sweep memory "${corpus[@]}" -T "$OUT/tables" --slots "$SLOTS" -o "$OUT/memory" "${common[@]}" -q
+time_it "${engram[@]}" sweep memory "${corpus[@]}" -T "$OUT/tables" --slots "$SLOTS" -o "$OUT/memory" "${common[@]}" -q
 step "ablation: orders 2 vs 2-3 at rho = 0.75"
-time_it "$ENGRAM" sweep grid "${corpus[@]}" -T "$OUT/tables" --axis plan.max_ngram_size=2,3 --allocation 0.75 \
+time_it "${engram[@]}" sweep grid "${corpus[@]}" -T "$OUT/tables" --axis plan.max_ngram_size=2,3 --allocation 0.75 \
     -o "$OUT/ablation" "${common[@]}" -q
 step "knockout: every Engram run of the allocation sweep, seed 0"
 runs=()
@@ -67,5 +67,5 @@ for r in "$OUT"/allocation/runs/rho=*--seed=0; do
     [[ $(basename "$r") == rho=1--* ]] && continue   # the pure MoE has no Engram to knock out
     runs+=("$r")
 done
-time_it "$ENGRAM" eval "${runs[@]}" --knockout engram --max-windows "$EVAL_WINDOWS" -o "$OUT/knockout" --force -q
+time_it "${engram[@]}" eval "${runs[@]}" --knockout engram --max-windows "$EVAL_WINDOWS" -o "$OUT/knockout" --force -q
 step "done: $OUT/{allocation,memory,ablation,knockout}"
