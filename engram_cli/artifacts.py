@@ -295,6 +295,19 @@ def recover_output(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def swap_in(work: Path, out: Path) -> None:
+    """Put the complete artifact in ``work`` in the place of the one at ``out`` (which may be
+    absent). A crash between the two renames is undone by the next writer (:func:`recover_output`)."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    had = out.exists()
+    if had:
+        os.replace(out, old)
+    os.replace(work, out)
+    _fsync_dir(out.parent)
+    if had:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _umask_mode(mode: int = 0o777) -> int:
     current = os.umask(0)
     os.umask(current)

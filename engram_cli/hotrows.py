@@ -8,9 +8,9 @@ order's heads) that the K hottest rows of the layer's table serve, for K from 10
 table size.
 
 Collisions are accounted for: a row's heat is the summed count of every n-gram hashed into it
-(in that head), so two frequent n-grams sharing a row make one hot row, not two. Positions whose
-n-gram reaches before the start of a document (read as pad ids) are not in the counts: the curve
-describes the lookups of n-grams inside documents.
+(in that head), so two frequent n-grams sharing a row make one hot row, not two. The counts follow
+the plan's document-boundary rule (``engram_cli.boundary``), so the curve describes the lookups
+the model makes over the corpus read as one stream.
 """
 
 from __future__ import annotations

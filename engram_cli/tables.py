@@ -1,14 +1,16 @@
 """``engram build-tables``: N-gram statistics, the table plan, and measured collisions.
 
 One run reads a corpus through the tokenizer and vocab map of a vocab artifact, counts every
-n-gram of canonical ids (n = 1..max_ngram_size, never across documents), makes the table plan (prime
+n-gram of canonical ids (n = 1..max_ngram_size) of the documents joined by their separator under
+the plan's boundary rule (``engram_cli.boundary``), makes the table plan (prime
 sizes per layer, order and head, and the hash multipliers; ``engram_cli.hashing``) and measures
 how often the plan's hashing collides on the corpus's distinct n-grams, beside what uniform
 hashing predicts (``engram_cli.collisions``).
 
 Sharded counting: ``shard=(I, N)`` counts only documents whose index % N == I and writes an
-``engram.ngram_shard`` artifact (counts only). ``from_shards=[...]`` merges shard artifacts into
-exactly the statistics of one run over the whole corpus, then plans and measures as usual.
+``engram.ngram_shard`` artifact (counts only, and under pad-start its documents' edges).
+``from_shards=[...]`` merges shard artifacts into exactly the statistics of one run over the
+whole corpus, then plans and measures as usual.
 
 Artifact (``engram.tables``)::
 

@@ -29,6 +29,14 @@ def headline(fmt: str, s: dict) -> str:
         parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()
                  if not isinstance(v, (dict, list))]
         return "; ".join(parts[:6])
+    if fmt == "engram.eval":
+        parts = []
+        for r in s["runs"]:
+            line = f"{r['model']}: {r['loss']:.3f} nats/token, {r['bits_per_byte']:.3f} bits/byte"
+            if r.get("delta") is not None:
+                line += f", Engram knocked out {r['delta']:+.3f}"
+            parts.append(line)
+        return "; ".join(parts)
     return "; ".join(f"{k}={v}" for k, v in s.items() if not isinstance(v, (dict, list)))[:120]
 
 

@@ -208,3 +208,53 @@ def test_the_model_hashes_exactly_the_keys_build_tables_counted(rule, tmp_path, 
         assert model_keys == table_keys, (rule, n)
         assert len(table_keys) == stats.ngrams[n].shape[0]            # no two counted keys share all heads
     assert stats.tokens == stream.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one clear line
+
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from engram_cli.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_unknown_rule_is_one_red_line(tmp_path, vocab_dir):
+    from cli_asserts import one_red_line
+
+    one_red_line(invoke("build-tables", "sample_data/sentences.txt", "--vocab", str(vocab_dir), "-o",
+                        str(tmp_path / "t"), "--boundary", "sentence"), "unknown boundary rule", "pad-start")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_run_must_use_the_tables_separator_and_rule(tmp_path, vocab_dir, tiny_tables):
+    from conftest import TINY_RUN_CORPUS, TINY_RUN_SETS
+
+    from cli_asserts import one_red_line
+
+    sets = [a for s in TINY_RUN_SETS for a in ("--set", s)]
+    r = invoke("train", *TINY_RUN_CORPUS, "-T", str(tiny_tables), "-o", str(tmp_path / "r"), *sets,
+               "--set", "data.eos_token=<｜begin▁of▁sentence｜>")
+    one_red_line(r, "separator id 0", "separator id 1", "data.eos_token")
+    from engram_cli.corpus import CorpusSpec
+    from engram_cli.errors import EngramError
+    from engram_cli.tables import BuildTablesConfig, build_tables
+    from engram_cli.train import TrainConfig, train
+
+    def tables(rule: str) -> None:
+        build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "tables", corpus=CorpusSpec(TINY_RUN_CORPUS,
+                     max_tokens=3000), layer_ids=(1,), n_head_per_ngram=2, embed_dim_per_head=8, target_size=1009,
+                     boundary=rule, force=True))
+
+    def run(**kw) -> None:
+        train(TrainConfig(out=tmp_path / "run", tables=tmp_path / "tables", sources=TINY_RUN_CORPUS,
+                          overrides=list(TINY_RUN_SETS), cache_dir=tmp_path / "cache", **kw))
+
+    tables("pad-start")
+    run()
+    tables("document")  # the tables rebuilt under the other rule, then the run resumed
+    with pytest.raises(EngramError, match="trained under the pad-start boundary rule.*follow document"):
+        run(resume=True)

@@ -229,6 +229,35 @@ def test_interrupted_run_resumes_and_unstarted_run_restarts(tmp_path, tiny_table
     assert [r["status"] for r in res.runs] == ["finished"] * 3 and res.skipped == ["rho=1--seed=0"]
 
 
+def test_force_keeps_the_previous_sweep_until_the_new_one_is_complete(tmp_path, tiny_tables, monkeypatch):
+    from engram_cli.artifacts import sha256_file
+
+    old_cfg = config(tmp_path / "s", tiny_tables, ratios=[1.0], seeds=[0])
+    sweep(old_cfg)
+    before = {p.relative_to(old_cfg.out): sha256_file(p) for p in old_cfg.out.rglob("*") if p.is_file()}
+    new_cfg = config(tmp_path / "s", tiny_tables, ratios=[1.0], seeds=[0, 1], force=True)
+
+    def stop_second_run(task, completed, total=None, **info):
+        if task == "rho=1--seed=1" and completed == 1:
+            raise Interrupted(signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        sweep(new_cfg, progress=stop_second_run)
+    after = {p.relative_to(old_cfg.out): sha256_file(p) for p in old_cfg.out.rglob("*") if p.is_file()}
+    assert after == before  # the previous sweep, byte for byte
+    staged = tmp_path / ".s.forced"
+    assert (staged / "runs" / "rho=1--seed=0" / "manifest.json").is_file()
+
+    calls = []
+    real_train = R.train
+    monkeypatch.setattr(R, "train", lambda tc, progress=None: calls.append(tc.out.name) or real_train(tc, progress))
+    res = sweep(new_cfg)  # the same command continues the forced sweep, then swaps it in
+    assert calls == ["rho=1--seed=1"] and not staged.exists()
+    assert res.out == old_cfg.out and all(str(old_cfg.out) in f for f in res.files)
+    assert len(json.loads((old_cfg.out / "manifest.json").read_text())["runs"]) == 2
+    assert read_manifest(old_cfg.out, "engram.sweep")["summary"]["status"] == "finished"
+
+
 def test_grid_replans_plan_keys_at_equal_parameters(tmp_path, tiny_tables):
     cfg = config(tmp_path / "g", tiny_tables, kind="grid", axes=[parse_axis("plan.n_head_per_ngram=1,3")],
                  allocation=0.5)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from engram_cli.artifacts import (
     holds_output_lock,
     manifest_header,
     sha256_file,
+    swap_in,
 )
 from engram_cli.errors import ArtifactError, ConfigError, EngramError, InputError, Interrupted
 from engram_cli.progress import ProgressFn, report
@@ -84,7 +85,8 @@ def sweep(config: SweepConfig, progress: ProgressFn | None = None) -> SweepResul
     base, settings = _settings(config, specs)
     identity = _identity(config, base)
     _check_points(config, specs, settings)
-    previous = _open_sweep_dir(config, identity)
+    final_out = Path(config.out)
+    config, previous = _open_sweep_dir(config, identity)  # with --force: a sibling until it is complete
     evaluated, warnings = _can_evaluate(config)
     manifest = _Manifest(config, identity, points, specs)
     jobs = [_job(config, spec, settings[spec.name], previous, evaluated) for spec in specs]
@@ -113,7 +115,18 @@ def sweep(config: SweepConfig, progress: ProgressFn | None = None) -> SweepResul
         manifest.write(records, "stopped")
         raise
     ordered = [records[s.name] for s in specs]
-    return _finish(config, manifest, points, ordered, evaluated, jobs, threads, t0, warnings)
+    result = _finish(config, manifest, points, ordered, evaluated, jobs, threads, t0, warnings)
+    if Path(config.out) != final_out:  # the forced sweep is complete: now it replaces the previous one
+        swap_in(Path(config.out), final_out)
+        result = _moved(result, Path(config.out), final_out)
+    return result
+
+
+def _moved(result: SweepResult, work: Path, out: Path) -> SweepResult:
+    """``result`` with the paths of the staging directory ``work`` pointing into ``out``."""
+    result.out = out
+    result.files = [str(out / Path(f).relative_to(work)) for f in result.files]
+    return result
 
 
 def _run(config: SweepConfig, work: list[R.Job], threads: int, progress: ProgressFn,
@@ -189,25 +202,43 @@ def _differences(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} → {b!r}"]
 
 
-def _open_sweep_dir(config: SweepConfig, identity: dict) -> dict | None:
-    """A new sweep directory, or the manifest of the sweep there to continue (same identity)."""
+def forced_dir(out: Path) -> Path:
+    """Where ``--force`` builds a new sweep while the previous one stays in ``out``."""
+    return out.with_name(f".{out.name}.forced")
+
+
+def _open_sweep_dir(config: SweepConfig, identity: dict) -> tuple[SweepConfig, dict | None]:
+    """The config to run (its ``out`` the directory to write) and the manifest of the sweep there
+    to continue (same identity), or None for a new one.
+
+    ``--force`` over a previous sweep leaves it in place: the new sweep is built in
+    :func:`forced_dir` (continued by the same command after an interruption) and replaces the
+    previous one only once every run has finished (``artifacts.swap_in``).
+    """
     out = check_output_path(config.out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"--out {out} exists and is not a directory", "choose another --out")
     if not out.is_dir() or not any(out.iterdir()):
-        return None
+        return config, None
     if config.force:
         check_output_dir(out, True, FORMAT)  # only an engram sweep is replaced
-        shutil.rmtree(out)
-        return None
+        work = forced_dir(out)
+        staged = replace(config, out=work, force=False)
+        if work.is_dir() and artifact_format(work) == FORMAT:
+            previous = _read_previous(work)
+            if not _differences(previous.get("config", {}).get("identity"), identity):
+                return staged, previous  # a forced sweep of these settings, interrupted: continue it
+        shutil.rmtree(work, ignore_errors=True)  # an unfinished forced sweep of other settings
+        return staged, None
     if artifact_format(out) != FORMAT:
         raise ArtifactError(f"{out} exists and is not an engram sweep", "choose another --out")
     previous = _read_previous(out)
     diffs = _differences(previous.get("config", {}).get("identity"), identity)
     if diffs:
         raise ArtifactError(f"sweep {out} was started with other settings ({'; '.join(diffs[:3])})",
-                            "rerun it with the same options, start over with --force, or choose another --out")
-    return previous
+                            "rerun it with the same options, start over with --force (the previous sweep stays "
+                            "until the new one is complete), or choose another --out")
+    return config, previous
 
 
 def _read_previous(out: Path) -> dict:

@@ -30,6 +30,7 @@ from engram_cli.artifacts import (
     check_output_path,
     manifest_header,
     sha256_file,
+    swap_in,
 )
 from engram_cli.errors import ArtifactError, ConfigError
 from engram_cli.hashing import PLAN_FILE
@@ -83,12 +84,9 @@ def open_out(out: Path, *, resume: bool, config_doc: dict, plan=None) -> Path:
 
 
 def commit_out(work: Path, out: Path) -> None:
-    """Put the new run in ``work`` in the place of the previous run at ``out`` (rank 0). A crash
-    between the two renames is undone by the next writer (``artifacts.recover_output``)."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(work, out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Put the new run in ``work`` in the place of the previous run at ``out`` (rank 0; see
+    ``artifacts.swap_in``)."""
+    swap_in(work, out)
 
 
 def read_config_doc(out: Path) -> dict[str, Any]:
