@@ -258,3 +258,19 @@ def test_a_run_must_use_the_tables_separator_and_rule(tmp_path, vocab_dir, tiny_
     tables("document")  # the tables rebuilt under the other rule, then the run resumed
     with pytest.raises(EngramError, match="trained under the pad-start boundary rule.*follow document"):
         run(resume=True)
+
+
+def test_eval_buckets_read_contexts_as_the_model_hashes_them():
+    """engram eval's count buckets key on the n-gram the model reads: under the document rule the
+    context before a document's start is pads (``context_ngrams`` / ``training_ngram_counts``)."""
+    from engram_cli.eval.buckets import context_ngrams, training_ngram_counts
+
+    docs = [np.array([5, 6, 7]), np.array([8]), np.array([9, 10, 11, 12])]
+    stream = np.concatenate([np.append(d, SEP) for d in docs])
+    identity = np.arange(V)
+    for rule, restart in (("pad-start", None), ("document", (SEP, PAD))):
+        want = stream_ngrams_reference(docs, 3, Boundary(rule, SEP, PAD))[3]
+        grams, valid = context_ngrams(stream, np.arange(stream.size), identity, 3, restart)
+        assert [tuple(g) for g in grams[valid].tolist()] == want[2:]   # positions with two tokens before
+        ngrams, counts = training_ngram_counts(stream, [(0, stream.size)], identity, 3, V, restart=restart)
+        assert dict(zip(map(tuple, ngrams.tolist()), counts.tolist())) == dict(Counter(want[2:]))
