@@ -355,7 +355,7 @@ def counting_boundary(config: BuildTablesConfig, tok, vocab: VocabMap):
     return Boundary(config.boundary, separator_ids(config, tok, vocab)[1], int(vocab.table[config.pad_id]))
 
 
-def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, progress: ProgressFn):
+def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, tok, progress: ProgressFn):
     from engram_cli.counting import merge_stats
     from engram_cli.ngram_stats import NgramStats
 
@@ -375,11 +375,14 @@ def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, progress: Progress
                "corpus": m["inputs"]["corpus"]} for d, m, shard in manifests]
     progress("merge", 0, 1)
     merged = merge_stats(parts)
-    rule = (merged.boundary or {}).get("rule")
+    rule, sep = (merged.boundary or {}).get("rule"), (merged.boundary or {}).get("separator")
     if rule != config.boundary:
         raise InputError(f"the shards were counted under the {rule or 'within-document'} boundary rule, this run "
                          f"wants --boundary {config.boundary}",
                          f"pass --boundary {rule}" if rule else "recount the shards with this engram version")
+    if sep != separator_ids(config, tok, vocab)[1]:
+        raise InputError(f"the shards were counted with canonical separator {sep}, --eos-token {config.eos_token!r} "
+                         f"gives {separator_ids(config, tok, vocab)[1]}", "pass the --eos-token the shards used")
     progress("merge", 1, 1)
     return merged, inputs
 
@@ -459,7 +462,7 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
                    "canonical_vocab_size": vocab.canonical_vocab_size}
 
     if config.from_shards:
-        ngrams, shard_inputs = _merge_shards(config, vocab, progress)
+        ngrams, shard_inputs = _merge_shards(config, vocab, tok, progress)
         corpus_input: dict[str, Any] = {"shards": shard_inputs}
         skipped: list = []
         bad_records = 0

@@ -230,6 +230,13 @@ def test_merge_refuses_shards_of_different_counts(tmp_path, vocab_dir):
     d = _shard(tmp_path, vocab_dir, "d", (1, 4), doc_mode="line")
     with pytest.raises(InputError, match="--doc-mode"):
         build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "m", from_shards=[a, d]))
+    build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "e", corpus=CorpusSpec([ZH], shard=(1, 4)),
+                                   target_size=1009, layer_ids=(1,), n_head_per_ngram=2, boundary="document"))
+    with pytest.raises(InputError, match="--boundary"):
+        build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "m", from_shards=[a, tmp_path / "e"]))
+    rest = [_shard(tmp_path, vocab_dir, f"r{i}", (i, 4)) for i in (1, 2, 3)]
+    with pytest.raises(InputError, match="pad-start boundary rule, this run wants --boundary document"):
+        build_tables(BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "m", from_shards=[a, *rest], boundary="document"))
     assert not (tmp_path / "m").exists()
 
 
