@@ -9,7 +9,7 @@
 #   OUT=out/study      where everything goes (each step is skipped when its artifact is complete:
 #                      a sweep continues where it stopped, finished runs are never retrained)
 #   CONFIG=configs/study.toml  SEEDS=0,1  JOBS=2  STEPS=120  EVAL_WINDOWS=200
-#   RATIOS=1,0.75,0.5,0.25     SLOTS=1,1e3,1e4,1e5,3e5     ENGRAM=".venv/bin/engram"
+#   RATIOS=1,0.75,0.5,0.25     SLOTS=1,1e3,1e4,1e5,3e5     ENGRAM=".venv/bin/engram"  PYTHON=.venv/bin/python
 #   SETS="--set model.n_embd=96 ..."  overrides for every run (default: the reduced study model)
 # On a GPU machine: SETS="" STEPS=2000 JOBS=1 and add --device cuda via EXTRA after `--`.
 set -euo pipefail
@@ -68,4 +68,5 @@ for r in "$OUT"/allocation/runs/rho=*--seed=0; do
     runs+=("$r")
 done
 time_it "${engram[@]}" eval "${runs[@]}" --knockout engram --max-windows "$EVAL_WINDOWS" -o "$OUT/knockout" --force -q
-step "done: $OUT/{allocation,memory,ablation,knockout}"
+"${PYTHON:-.venv/bin/python}" scripts/study_summary.py "$OUT" --out "$OUT/summary.md"
+step "done: $OUT/{allocation,memory,ablation,knockout}; the tables: $OUT/summary.md"
