@@ -389,3 +389,17 @@ def test_log_tensorboard_writes_the_metrics(tmp_path, tiny_tables, monkeypatch):
     assert ("train/loss", 2) in scalars and ("val/loss", 2) in scalars
     assert closed == [str(tmp_path / "r" / "tensorboard")]
     assert (tmp_path / "r" / "loss_curve.png").stat().st_size > 0
+
+
+def test_study_summary_tables_every_point(alloc, tmp_path):
+    """scripts/study_summary.py (what scripts/study.sh ends with) reads a sweep directory back."""
+    import runpy
+
+    cfg, res = alloc
+    (tmp_path / "allocation").symlink_to(cfg.out, target_is_directory=True)
+    summary = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "study_summary.py"))["summary"]
+    text = summary(tmp_path)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| rho=")]
+    assert [r.split(" | ")[0] for r in rows] == ["| rho=1", "| rho=0.5"]
+    means = {p["point"]: p["val_loss_mean"] for p in res.points}
+    assert f"{means['rho=0.5']:.3f}" in rows[1] and "reference" in rows[0]
