@@ -11,6 +11,8 @@ from engram_cli import plotting
 from engram_cli.eval.config import COUNT_BUCKETS, KIND_COUNT, KIND_SCRIPT, SCRIPT_BUCKETS
 
 PANEL_W, PANEL_H = 3.4, 1.9   # inches per panel
+LEGEND_COLUMNS = 4            # legend entries per row (the legend sits in a band under the panels)
+LEGEND_ROW = 0.17             # inches per legend row
 
 
 def _compact(n: int) -> str:
@@ -25,7 +27,11 @@ def plot_eval(result, png: str | os.PathLike | None, svg: str | os.PathLike | No
              (KIND_SCRIPT, SCRIPT_BUCKETS, "script of the target token"))
     knockout = result.knockout is not None
     rows = 2 if knockout else 1
-    with plotting.figure(PANEL_W * 2, PANEL_H * rows + plotting.TITLE_BAND, texts=[r.label for r in runs]) as (fig, warns):
+    entries = len(runs) + knockout                           # legend entries, in a band under the panels
+    legend_rows = -(-entries // LEGEND_COLUMNS)
+    band = LEGEND_ROW * legend_rows + 0.05
+    height = PANEL_H * rows + plotting.TITLE_BAND + band
+    with plotting.figure(PANEL_W * 2, height, texts=[r.label for r in runs]) as (fig, warns):
         axes = np.asarray(fig.subplots(rows, 2, squeeze=False))
         for col, (kind, names, xlabel) in enumerate(kinds):
             _bars(axes[0, col], runs, kind, names, "loss", knockout)
@@ -36,12 +42,13 @@ def plot_eval(result, png: str | os.PathLike | None, svg: str | os.PathLike | No
                 axes[1, col].axhline(0, color="0.3", lw=0.6)
                 axes[1, col].set_ylabel("Δ nats/token without Engram")
         handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, fontsize=6, frameon=False, loc="upper right", ncol=min(len(labels), 3))
+        fig.legend(handles, labels, fontsize=6, frameon=False, loc="lower center", bbox_to_anchor=(0.5, 0.005),
+                   ncol=min(len(labels), LEGEND_COLUMNS))
         what = "held-out split of each run" if result.text == "held-out" else "the given corpus"
         sub = f"{what} · tokens per bucket under the bars" + (" · Δ with its 95% interval over windows"
                                                               if knockout else "")
-        rect = plotting.titles(fig, "Where the memory pays: loss by bucket", sub)
-        fig.tight_layout(rect=rect)
+        left, _, right, top = plotting.titles(fig, "Where the memory pays: loss by bucket", sub)
+        fig.tight_layout(rect=(left, band / height, right, top))
         warns += plotting.save(fig, png, svg)
     return warns
 
@@ -67,6 +74,8 @@ def _bars(ax, runs, kind: str, names, field: str, mark_knockout: bool) -> None:
             ok = ~np.isnan(ko)
             ax.scatter(pos[ok], ko[ok], marker="_", s=60, color="black", linewidths=1.2, zorder=3,
                        label="loss without Engram" if i == 0 else None)
-    counts = ["/".join(_compact(r.bucket(kind, name).tokens) for r in runs) for name in names]
+    # tokens per bucket: one number when every run scored the same text, else one per run
+    per_run = [[_compact(r.bucket(kind, name).tokens) for r in runs] for name in names]
+    counts = [c[0] if len(set(c)) == 1 else "/".join(c) for c in per_run]
     ax.set_xticks(x, [f"{name}\n{c}" for name, c in zip(names, counts)], fontsize=6)
     ax.spines[["top", "right"]].set_visible(False)
