@@ -8,8 +8,8 @@
 # Settings through the environment (defaults: the reduced CPU scale of docs/experiments.md):
 #   OUT=out/study      where everything goes (each step is skipped when its artifact is complete:
 #                      a sweep continues where it stopped, finished runs are never retrained)
-#   CONFIG=configs/study.toml  SEEDS=0,1  JOBS=2  STEPS=120  EVAL_WINDOWS=200
-#   RATIOS=1,0.75,0.5,0.25     SLOTS=1,1e3,1e4,1e5,3e5     ENGRAM=".venv/bin/engram"  PYTHON=.venv/bin/python
+#   CONFIG=configs/study.toml  SEEDS=0,1,2  JOBS=2  STEPS=120  EVAL_WINDOWS=200
+#   RATIOS=1,0.9,0.75,0.5,0.25     SLOTS=1,1e3,1e4,1e5,3e5     ENGRAM=".venv/bin/engram"  PYTHON=.venv/bin/python
 #   SETS="--set model.n_embd=96 ..."  overrides for every run (default: the reduced study model)
 # On a GPU machine: SETS="" STEPS=2000 JOBS=1 and add --device cuda via EXTRA after `--`.
 set -euo pipefail
@@ -27,11 +27,11 @@ fi
 
 OUT=${OUT:-out/study}
 CONFIG=${CONFIG:-configs/study.toml}
-SEEDS=${SEEDS:-0,1}
+SEEDS=${SEEDS:-0,1,2}
 JOBS=${JOBS:-2}
 STEPS=${STEPS:-120}
 EVAL_WINDOWS=${EVAL_WINDOWS:-200}
-RATIOS=${RATIOS:-1,0.75,0.5,0.25}
+RATIOS=${RATIOS:-1,0.9,0.75,0.5,0.25}
 SLOTS=${SLOTS:-1,1e3,1e4,1e5,3e5}
 read -r -a engram <<< "${ENGRAM:-.venv/bin/engram}"
 read -r -a sets <<< "${SETS:---set model.n_embd=96 --set model.moe_expert_hidden=144 --set data.min_count=50}"
