@@ -357,14 +357,7 @@ class ArtifactWriter:
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
         _fsync_dir(self.tmp)
-        old = None
-        if self.out.exists():  # replaced only now that the new artifact is complete
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)  # a crash from here on is undone by recover_output
-        os.replace(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(self.tmp, self.out)  # the previous artifact is replaced only now that this one is complete
         return manifest
 
 

@@ -315,7 +315,8 @@ def import_in_background(*modules: str) -> None:
     threading.Thread(target=run, name="engram-imports", daemon=True).start()
 
 
-def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, progress: ProgressFn):
+def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, sep: tuple[int, int], progress: ProgressFn):
+    from engram_cli.boundary import Boundary
     from engram_cli.corpus import CorpusStats, corpus_fingerprint, empty_corpus_error, iter_tokenized
     from engram_cli.counting import NgramCounter, counter_sizes
 
@@ -326,7 +327,8 @@ def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, progress: Pro
     fingerprint = corpus_fingerprint(spec)
     stats = CorpusStats()
     counter = NgramCounter(config.max_ngram_size, vocab_size=vocab.canonical_vocab_size, spill_dir=config.spill_dir,
-                           boundary=counting_boundary(config, tok, vocab), keep_edges=config.shard is not None,
+                           boundary=Boundary(config.boundary, sep[1], int(vocab.table[config.pad_id])),
+                           keep_edges=config.shard is not None,
                            **counter_sizes(config.memory_limit, config.max_ngram_size, vocab.canonical_vocab_size))
     batches = iter_tokenized(spec, tok.tokenizer, stats=stats, batch_size=config.batch_size, progress=progress)
     for batch in prefetch(batches):
@@ -348,14 +350,7 @@ def separator_ids(config: BuildTablesConfig, tok, vocab: VocabMap) -> tuple[int,
     return sep, int(vocab.table[sep])
 
 
-def counting_boundary(config: BuildTablesConfig, tok, vocab: VocabMap):
-    """The :class:`engram_cli.boundary.Boundary` the corpus is counted under."""
-    from engram_cli.boundary import Boundary
-
-    return Boundary(config.boundary, separator_ids(config, tok, vocab)[1], int(vocab.table[config.pad_id]))
-
-
-def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, tok, progress: ProgressFn):
+def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int, int], progress: ProgressFn):
     from engram_cli.counting import merge_stats
     from engram_cli.ngram_stats import NgramStats
 
@@ -375,14 +370,14 @@ def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, tok, progress: Pro
                "corpus": m["inputs"]["corpus"]} for d, m, shard in manifests]
     progress("merge", 0, 1)
     merged = merge_stats(parts)
-    rule, sep = (merged.boundary or {}).get("rule"), (merged.boundary or {}).get("separator")
+    rule, counted_sep = (merged.boundary or {}).get("rule"), (merged.boundary or {}).get("separator")
     if rule != config.boundary:
         raise InputError(f"the shards were counted under the {rule or 'within-document'} boundary rule, this run "
                          f"wants --boundary {config.boundary}",
                          f"pass --boundary {rule}" if rule else "recount the shards with this engram version")
-    if sep != separator_ids(config, tok, vocab)[1]:
-        raise InputError(f"the shards were counted with canonical separator {sep}, --eos-token {config.eos_token!r} "
-                         f"gives {separator_ids(config, tok, vocab)[1]}", "pass the --eos-token the shards used")
+    if counted_sep != sep[1]:
+        raise InputError(f"the shards were counted with canonical separator {counted_sep}, --eos-token "
+                         f"{config.eos_token!r} gives {sep[1]}", "pass the --eos-token the shards used")
     progress("merge", 1, 1)
     return merged, inputs
 
@@ -451,9 +446,9 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
     if not 0 <= config.pad_id < vocab.original_vocab_size:
         raise ConfigError(f"--pad-id {config.pad_id} is outside the vocabulary (0..{vocab.original_vocab_size - 1})",
                           "pass an original token id, e.g. --pad-id 2 (DeepSeek's pad token)")
+    sep = separator_ids(config, tok, vocab)  # a tokenizer without the separator fails before counting
     if config.plan_only:
-        return _plan_only(config, vocab, tok, t0)
-    separator_ids(config, tok, vocab)  # a tokenizer without the separator fails before counting
+        return _plan_only(config, vocab, tok, sep, t0)
     if config.shard is None:  # impossible plan options and budgets fail before counting
         _check_plan_options(config, vocab)
         if config.memory_budget is not None:
@@ -462,12 +457,12 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
                    "canonical_vocab_size": vocab.canonical_vocab_size}
 
     if config.from_shards:
-        ngrams, shard_inputs = _merge_shards(config, vocab, tok, progress)
+        ngrams, shard_inputs = _merge_shards(config, vocab, sep, progress)
         corpus_input: dict[str, Any] = {"shards": shard_inputs}
         skipped: list = []
         bad_records = 0
     else:
-        ngrams, stats, corpus_input = _count_corpus(config, tok, vocab, progress)
+        ngrams, stats, corpus_input = _count_corpus(config, tok, vocab, sep, progress)
         skipped = [tuple(x) for x in stats.skipped_files]
         bad_records = stats.bad_records
     seconds = time.perf_counter() - t0
@@ -485,11 +480,11 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
             w.summary = {**summary, "distinct": {str(r["n"]): r["distinct"] for r in orders}}
         return BuildTablesResult(out=Path(config.out), kind="shard", top={}, plan=None, memory=None,
                                  collisions=None, sweep=None, **common)
-    return _plan_and_measure(config, vocab, tok, ngrams, inputs, summary, common, progress)
+    return _plan_and_measure(config, vocab, sep, ngrams, inputs, summary, common, progress)
 
 
-def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, tok, ngrams, inputs: dict, summary: dict,
-                      common: dict, progress: ProgressFn) -> BuildTablesResult:
+def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int, int], ngrams, inputs: dict,
+                      summary: dict, common: dict, progress: ProgressFn) -> BuildTablesResult:
     """The plan, its collisions and hot rows measured on the counts, the ``engram.tables`` artifact."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -501,7 +496,7 @@ def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, tok, ngrams, i
     from engram_cli.hotrows import cache_lines, hot_row_curves, plot_hot_rows
     from engram_cli.presets import check_published_rows
 
-    plan = _make_plan(config, vocab, tok, ngrams)
+    plan = _make_plan(config, vocab, sep, ngrams)
     memory = {d: plan.memory_bytes(d) for d in TABLE_DTYPES}
     published = check_published_rows(config.preset, {layer: plan.total_slots(layer) for layer in plan.layer_ids})
     by_order = {n: ngrams.ngrams[n] for n in range(2, config.max_ngram_size + 1)}
@@ -532,11 +527,10 @@ def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, tok, ngrams, i
                              hot_row_lines=hot_lines, **common)
 
 
-def _make_plan(config: BuildTablesConfig, vocab: VocabMap, tok, ngrams) -> TablePlan:
+def _make_plan(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int, int], ngrams) -> TablePlan:
     from engram_cli.hashing import make_plan
 
-    sep, canonical_sep = separator_ids(config, tok, vocab)
-    return make_plan(boundary=config.boundary, separator_id=sep, canonical_separator_id=canonical_sep,
+    return make_plan(boundary=config.boundary, separator_id=sep[0], canonical_separator_id=sep[1],
                      canonical_vocab_size=vocab.canonical_vocab_size,
                      canonical_pad_id=int(vocab.table[config.pad_id]),
                      original_vocab_size=vocab.original_vocab_size, pad_id=config.pad_id,
@@ -557,12 +551,12 @@ def _check_plan_options(config: BuildTablesConfig, vocab: VocabMap) -> None:
               embed_dim_per_head=config.embed_dim_per_head)
 
 
-def _plan_only(config: BuildTablesConfig, vocab: VocabMap, tok, t0: float) -> BuildTablesResult:
+def _plan_only(config: BuildTablesConfig, vocab: VocabMap, tok, sep: tuple[int, int], t0: float) -> BuildTablesResult:
     """``--plan-only``: the plan and its memory figures, written as an ``engram.plan`` artifact."""
     from engram_cli.hashing import TABLE_DTYPES
     from engram_cli.presets import check_published_rows
 
-    plan = _make_plan(config, vocab, tok, None)
+    plan = _make_plan(config, vocab, sep, None)
     memory = {d: plan.memory_bytes(d) for d in TABLE_DTYPES}
     published = check_published_rows(config.preset, {layer: plan.total_slots(layer) for layer in plan.layer_ids})
     with artifact_dir(config.out, "engram.plan", force=config.force) as w:

@@ -30,7 +30,6 @@ from engram_cli.artifacts import (
     check_output_path,
     manifest_header,
     sha256_file,
-    swap_in,
 )
 from engram_cli.errors import ArtifactError, ConfigError
 from engram_cli.hashing import PLAN_FILE
@@ -65,7 +64,7 @@ def open_out(out: Path, *, resume: bool, config_doc: dict, plan=None) -> Path:
     table_plan.json in it. Rank 0 only.
 
     It is ``out`` itself, except when a new run replaces a previous one (``--force``): then it is
-    a hidden sibling (``.<name>.tmp-<pid>-run``) that :func:`commit_out` moves onto ``out`` at the
+    a hidden sibling (``.<name>.tmp-<pid>-run``) that ``artifacts.swap_in`` moves onto ``out`` at the
     first checkpoint, so a new run that fails, is interrupted or killed before it has anything
     to resume from leaves the previous run as it was.
     """
@@ -81,12 +80,6 @@ def open_out(out: Path, *, resume: bool, config_doc: dict, plan=None) -> Path:
     if plan is not None:
         plan.save(work / PLAN_FILE)
     return work
-
-
-def commit_out(work: Path, out: Path) -> None:
-    """Put the new run in ``work`` in the place of the previous run at ``out`` (rank 0; see
-    ``artifacts.swap_in``)."""
-    swap_in(work, out)
 
 
 def read_config_doc(out: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import MANIFEST, output_lock, sha256_file
+from engram_cli.artifacts import MANIFEST, output_lock, sha256_file, swap_in
 from engram_cli.errors import ArtifactError, ConfigError, InputError, Interrupted, TrainingError
 from engram_cli.progress import ProgressFn, report
 from engram_cli.train import distributed as dist_mod
@@ -38,7 +38,6 @@ from engram_cli.train.run import (
     RunManifest,
     TensorBoardLog,
     check_log,
-    commit_out,
     config_doc,
     open_out,
     plan_record,
@@ -558,7 +557,7 @@ class Trainer:
                                             subvocab_ids=self.data.subvocab.original_ids, plan=self.plan,
                                             state=state, keep=ts.keep_checkpoints, cuda=self.device.type == "cuda")
             if self.work != self.out:  # the first checkpoint of a --force run: it replaces the old run now
-                commit_out(self.work, self.out)
+                swap_in(self.work, self.out)
                 path = self.out / path.relative_to(self.work)
                 self.work = self.manifest.out = self.out
                 self.metrics.path = self.out / METRICS_FILE
