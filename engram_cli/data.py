@@ -71,9 +71,10 @@ def find_eos_id(tokenizer, eos_token: str = "auto") -> int:
     if eos_token == "auto":
         raise ConfigError("the tokenizer has none of the usual end-of-sequence tokens "
                           f"({', '.join(EOS_CANDIDATES[:4])}, …)",
-                          "name its separator token: --set data.eos_token='<|end|>'")
-    raise ConfigError(f"data.eos_token {eos_token!r} is not a token of this tokenizer",
-                      "pass a token of its vocabulary, or `auto`")
+                          "name its separator token: build-tables --eos-token '<|end|>', "
+                          "train --set data.eos_token='<|end|>'")
+    raise ConfigError(f"end-of-document token {eos_token!r} (build-tables --eos-token, train data.eos_token) "
+                      "is not a token of this tokenizer", "pass a token of its vocabulary, or `auto`")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -241,8 +241,9 @@ def test_force_keeps_the_previous_sweep_until_the_new_one_is_complete(tmp_path, 
         if task == "rho=1--seed=1" and completed == 1:
             raise Interrupted(signal.SIGINT)
 
-    with pytest.raises(Interrupted):
+    with pytest.raises(Interrupted) as e:
         sweep(new_cfg, progress=stop_second_run)
+    assert "stays as it was until the new sweep is complete" in e.value.hint
     after = {p.relative_to(old_cfg.out): sha256_file(p) for p in old_cfg.out.rglob("*") if p.is_file()}
     assert after == before  # the previous sweep, byte for byte
     staged = tmp_path / ".s.forced"

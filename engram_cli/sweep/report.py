@@ -110,6 +110,8 @@ def sweep(config: SweepConfig, progress: ProgressFn | None = None) -> SweepResul
         e.message = f"sweep interrupted: {sum(r['status'] == 'finished' for r in records.values())} of " \
                     f"{len(specs)} runs finished"
         e.hint = f"rerun the same command to continue ({config.out}: finished runs are kept, interrupted ones resume)"
+        if Path(config.out) != final_out:
+            e.hint += f"; {final_out} stays as it was until the new sweep is complete"
         raise
     except EngramError:
         manifest.write(records, "stopped")
