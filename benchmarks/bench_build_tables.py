@@ -124,9 +124,10 @@ def varied_corpus(min_tokens: int) -> tuple[list[str], str]:
 def child(kind: str, args: dict) -> dict:
     import resource
 
-    from engram_cli.corpus import CorpusSpec, CorpusStats, iter_tokenized
-    from engram_cli.tables import BuildTablesConfig, build_tables
-    from engram_cli.tokenizer import load_tokenizer
+    from engram_cli.corpus.spec import CorpusSpec, CorpusStats
+    from engram_cli.corpus.stream import iter_tokenized
+    from engram_cli.tables.build import BuildTablesConfig, build_tables
+    from engram_cli.vocab.tokenizer import load_tokenizer
 
     spec = CorpusSpec(sources=args["sources"], doc_mode=args["doc_mode"])
     t0, c0 = time.perf_counter(), time.process_time()
@@ -179,7 +180,7 @@ def main() -> None:
         print(json.dumps(child(args.child, json.loads(sys.stdin.read()))))
         return
 
-    from engram_cli.vocab import NormalizeVocabConfig, normalize_vocab
+    from engram_cli.vocab.normalize import NormalizeVocabConfig, normalize_vocab
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [cpus]

@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from engram_cli.hashing import hash_ngrams, hash_ngrams_reference, make_plan  # noqa: E402
+from engram_cli.tables.hashing import hash_ngrams, hash_ngrams_reference  # noqa: E402
+from engram_cli.tables.plan import make_plan
 
 
 def median_time(fn, repeats: int) -> float:

@@ -18,8 +18,14 @@ import statistics
 import time
 import unicodedata
 
-from engram_cli.tokenizer import load_tokenizer
-from engram_cli.vocab import NormalizeSteps, canonical_keys, canonical_keys_reference, decode_vocabulary, group_keys
+from engram_cli.vocab.normalize import (
+    NormalizeSteps,
+    canonical_keys,
+    canonical_keys_reference,
+    decode_vocabulary,
+    group_keys,
+)
+from engram_cli.vocab.tokenizer import load_tokenizer
 
 _WS = re.compile(r"[ \t\r\n]+")
 

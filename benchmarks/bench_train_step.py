@@ -37,18 +37,19 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from engram_cli.budget import allocate  # noqa: E402
-from engram_cli.hashing import make_plan  # noqa: E402
-from engram_cli.model import EngramModel, param_counts  # noqa: E402
+from engram_cli.model.budget import allocate  # noqa: E402
+from engram_cli.model.transformer import EngramModel, param_counts  # noqa: E402
+from engram_cli.tables.plan import make_plan  # noqa: E402
 from engram_cli.train import TrainSettings, load_settings, make_optimizers  # noqa: E402
 
 
 def sample_batches(n: int, B: int, T: int, cache_dir: Path):
     """``n`` training batches of the sample data: (model ids, canonical ids, targets), vocab map, sub-vocab size."""
-    from engram_cli.corpus import CorpusSpec
-    from engram_cli.data import Batches, load_or_build_token_cache, prepare_data
-    from engram_cli.tokenizer import load_tokenizer
-    from engram_cli.vocab import NormalizeVocabConfig, load_vocab, normalize_vocab
+    from engram_cli.corpus.cache import load_or_build_token_cache
+    from engram_cli.corpus.spec import CorpusSpec
+    from engram_cli.train.data import Batches, prepare_data
+    from engram_cli.vocab.normalize import NormalizeVocabConfig, load_vocab, normalize_vocab
+    from engram_cli.vocab.tokenizer import load_tokenizer
 
     vocab_dir = cache_dir / "vocab"
     if not vocab_dir.exists():

@@ -20,7 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from engram_cli import __version__
-from engram_cli.errors import EngramError, Interrupted
+from engram_cli.core.errors import EngramError, Interrupted
 
 
 def _parser_exceptions(name: str) -> tuple[type[BaseException], ...]:

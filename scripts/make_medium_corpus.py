@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.count_tokens and "tokens" not in prov:
         log("counting DeepSeek tokens")
         sys.path.insert(0, str(REPO_ROOT))
-        from engram_cli.tokenizer import load_tokenizer
+        from engram_cli.vocab.tokenizer import load_tokenizer
 
         tok = load_tokenizer().tokenizer  # the bundled DeepSeek tokenizer, engram's default
         for f in prov["files"]:

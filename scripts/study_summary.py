@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from engram_cli.artifacts import read_manifest
+from engram_cli.core.artifacts import read_manifest
 
 SWEEPS = (("allocation", "Allocation: validation loss against ρ at equal total and activated parameters"),
           ("memory", "Memory: validation loss against the table size, the backbone fixed"),

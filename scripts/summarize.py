@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from engram_cli.artifacts import FORMATS, read_manifest
+from engram_cli.core.artifacts import FORMATS, read_manifest
 
 
 def headline(fmt: str, s: dict) -> str:

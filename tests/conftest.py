@@ -17,7 +17,7 @@ os.environ.pop("ENGRAM_DEBUG", None)
 @pytest.fixture(scope="session")
 def deepseek():
     """The bundled DeepSeek 128k tokenizer (LoadedTokenizer)."""
-    from engram_cli.tokenizer import load_tokenizer
+    from engram_cli.vocab.tokenizer import load_tokenizer
 
     return load_tokenizer("deepseek")
 
@@ -25,7 +25,7 @@ def deepseek():
 @pytest.fixture(scope="session")
 def vocab_dir(tmp_path_factory) -> Path:
     """An ``engram.vocab`` artifact of the DeepSeek tokenizer with all steps on."""
-    from engram_cli.vocab import NormalizeVocabConfig, normalize_vocab
+    from engram_cli.vocab.normalize import NormalizeVocabConfig, normalize_vocab
 
     out = tmp_path_factory.mktemp("vocab") / "vocab"
     normalize_vocab(NormalizeVocabConfig(out=out, ablation=False))
@@ -34,7 +34,7 @@ def vocab_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def vocab(vocab_dir):
-    from engram_cli.vocab import load_vocab
+    from engram_cli.vocab.normalize import load_vocab
 
     return load_vocab(vocab_dir)
 
@@ -43,8 +43,8 @@ def vocab(vocab_dir):
 def tiny_tables(tmp_path_factory, vocab_dir) -> Path:
     """A small tables artifact for training tests: one Engram layer (block 1), 2 heads per order,
     8 dims, ~1000 slots, counted on the first two sample addresses (3000 tokens)."""
-    from engram_cli.corpus import CorpusSpec
-    from engram_cli.tables import BuildTablesConfig, build_tables
+    from engram_cli.corpus.spec import CorpusSpec
+    from engram_cli.tables.build import BuildTablesConfig, build_tables
 
     sotu = sorted(str(p) for p in (SAMPLE / "sotu").glob("*.txt"))[:2]
     out = tmp_path_factory.mktemp("tiny_tables") / "tables"

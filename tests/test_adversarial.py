@@ -152,7 +152,7 @@ def test_tables_bad_jsonl_records_are_counted(tmp_path, vocab_dir):
 
 
 def test_tables_a_second_writer_is_refused(tmp_path, vocab_dir):
-    from engram_cli.artifacts import output_lock
+    from engram_cli.core.artifacts import output_lock
 
     with output_lock(tmp_path / "t"):  # a writer of the same output, in this process
         import subprocess

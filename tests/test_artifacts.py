@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engram_cli.artifacts import artifact_dir, atomic_write_json, check_output_dir, output_lock, read_manifest
-from engram_cli.errors import ArtifactError
+from engram_cli.core.artifacts import artifact_dir, atomic_write_json, check_output_dir, output_lock, read_manifest
+from engram_cli.core.errors import ArtifactError
 
 
 def test_commit_writes_manifest_with_files(tmp_path):

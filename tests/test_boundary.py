@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from engram_cli.boundary import Boundary, boundary_ngrams, split_edges, stream_ngrams_reference
-from engram_cli.counting import NgramCounter, merge_stats
-from engram_cli.errors import ArtifactError, ConfigError
-from engram_cli.hash_kernels import _hash_torch
-from engram_cli.hashing import TablePlan, hash_ngrams, hash_ngrams_reference, make_plan
+from engram_cli.core.errors import ArtifactError, ConfigError
+from engram_cli.tables.boundary import Boundary, boundary_ngrams, split_edges, stream_ngrams_reference
+from engram_cli.tables.counting import NgramCounter, merge_stats
+from engram_cli.tables.hashing import hash_ngrams, hash_ngrams_reference
+from engram_cli.tables.kernels import hash_torch
+from engram_cli.tables.plan import TablePlan, make_plan
 
 SEP, PAD, V = 1, 2, 40
 RULES = ("pad-start", "document")
@@ -41,7 +42,7 @@ def count(docs, max_n, rule, **kw):
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("max_n", [2, 3, 4])
 def test_counts_equal_the_reference_stream(rule, max_n, monkeypatch):
-    from engram_cli import counting
+    from engram_cli.tables import counting
 
     rng = np.random.default_rng(max_n)
     docs = docs_with_edge_cases(rng)
@@ -84,7 +85,7 @@ def test_shards_merge_to_the_whole_count(rule, shards):
 
 
 def test_shards_saved_and_loaded_keep_their_edges(tmp_path):
-    from engram_cli.ngram_stats import NgramStats
+    from engram_cli.tables.stats import NgramStats
 
     docs = docs_with_edge_cases(np.random.default_rng(5), count=21)  # shards of 11 and 10 documents
     parts = []
@@ -138,7 +139,7 @@ def test_hashing_fast_paths_equal_the_reference(rule, max_n):
         assert np.array_equal(hash_ngrams(ids, plan, 4), want)
         assert torch.equal(hash_ngrams(torch.from_numpy(ids), plan, 4), torch.from_numpy(want))
         sep = SEP if rule == "document" else None
-        got = _hash_torch(torch.from_numpy(ids).long(), plan.multipliers[4], plan.primes[4], PAD, sep)
+        got = hash_torch(torch.from_numpy(ids).long(), plan.multipliers[4], plan.primes[4], PAD, sep)
         assert torch.equal(got, torch.from_numpy(want))   # the path tensors on a GPU take
 
 
@@ -177,12 +178,14 @@ def test_the_model_hashes_exactly_the_keys_build_tables_counted(rule, tmp_path, 
     """The acceptance test of the rule: build-tables counts a corpus; the model (its own hashing
     call) reads the training stream of the same corpus as one sequence; per order, the sets of
     slot tuples over all heads are equal (8 heads of ~1000 rows tell these keys apart)."""
-    from engram_cli.collisions import hash_keys
-    from engram_cli.corpus import CorpusSpec
-    from engram_cli.data import find_eos_id, load_or_build_token_cache
-    from engram_cli.model import EngramModel, ModelConfig
-    from engram_cli.ngram_stats import NgramStats
-    from engram_cli.tables import BuildTablesConfig, build_tables, load_tables
+    from engram_cli.corpus.cache import load_or_build_token_cache
+    from engram_cli.corpus.spec import CorpusSpec
+    from engram_cli.model.config import ModelConfig
+    from engram_cli.model.transformer import EngramModel
+    from engram_cli.tables.build import BuildTablesConfig, build_tables, load_tables
+    from engram_cli.tables.collisions import hash_keys
+    from engram_cli.tables.stats import NgramStats
+    from engram_cli.vocab.tokenizer import find_eos_id
 
     corpus = tmp_path / "docs.jsonl"
     texts = ["The state of the union is strong.", "We the people.", "Go", "The people, the union.",
@@ -239,9 +242,9 @@ def test_a_run_must_use_the_tables_separator_and_rule(tmp_path, vocab_dir, tiny_
     r = invoke("train", *TINY_RUN_CORPUS, "-T", str(tiny_tables), "-o", str(tmp_path / "r"), *sets,
                "--set", "data.eos_token=<｜begin▁of▁sentence｜>")
     one_red_line(r, "separator id 0", "separator id 1", "data.eos_token")
-    from engram_cli.corpus import CorpusSpec
-    from engram_cli.errors import EngramError
-    from engram_cli.tables import BuildTablesConfig, build_tables
+    from engram_cli.core.errors import EngramError
+    from engram_cli.corpus.spec import CorpusSpec
+    from engram_cli.tables.build import BuildTablesConfig, build_tables
     from engram_cli.train import TrainConfig, train
 
     def tables(rule: str) -> None:

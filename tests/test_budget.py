@@ -6,10 +6,11 @@ import math
 
 import pytest
 
-from engram_cli.budget import MIN_SLOTS_PER_HEAD, allocate, params_per_expert, predict_param_counts
-from engram_cli.errors import ConfigError
-from engram_cli.hashing import make_plan
-from engram_cli.model import EngramModel, ModelConfig, param_counts
+from engram_cli.core.errors import ConfigError
+from engram_cli.model.budget import MIN_SLOTS_PER_HEAD, allocate, params_per_expert, predict_param_counts
+from engram_cli.model.config import ModelConfig
+from engram_cli.model.transformer import EngramModel, param_counts
+from engram_cli.tables.plan import make_plan
 
 
 def tiny_base() -> ModelConfig:
@@ -108,8 +109,8 @@ def test_plan_layers_must_fit_the_base():
 
 
 def test_memory_estimate_refuses_what_cannot_fit(monkeypatch):
-    from engram_cli import budget
-    from engram_cli.errors import ConfigError
+    from engram_cli.core.errors import ConfigError
+    from engram_cli.model import budget
 
     cfg = ModelConfig(vocab_size=10_000)
     need = budget.estimate_train_memory(cfg, None, batch_size=16)

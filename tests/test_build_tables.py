@@ -13,10 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from engram_cli.cli import app
-from engram_cli.corpus import CorpusSpec
-from engram_cli.errors import ArtifactError, ConfigError, InputError
-from engram_cli.hashing import hash_ngrams, make_plan
-from engram_cli.tables import BuildTablesConfig, build_tables, load_tables
+from engram_cli.core.errors import ArtifactError, ConfigError, InputError
+from engram_cli.corpus.spec import CorpusSpec
+from engram_cli.tables.build import BuildTablesConfig, build_tables, load_tables
+from engram_cli.tables.hashing import hash_ngrams
+from engram_cli.tables.plan import make_plan
 
 from cli_asserts import one_red_line
 
@@ -86,7 +87,7 @@ def test_counts_and_collision_rows_are_consistent(sample_tables):
 
 
 def test_load_tables_refuses_other_vocab(sample_tables, tmp_path):
-    from engram_cli.vocab import NormalizeSteps, NormalizeVocabConfig, normalize_vocab
+    from engram_cli.vocab.normalize import NormalizeSteps, NormalizeVocabConfig, normalize_vocab
 
     other = tmp_path / "cased"
     normalize_vocab(NormalizeVocabConfig(out=other, steps=NormalizeSteps(lowercase=False), ablation=False))

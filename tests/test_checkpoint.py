@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from engram_cli import checkpoint
-from engram_cli.errors import ArtifactError
-from engram_cli.hashing import make_plan
-from engram_cli.model import EngramModel, ModelConfig
-from engram_cli.train import TrainSettings, make_optimizers
+from engram_cli.core.errors import ArtifactError
+from engram_cli.model.config import ModelConfig
+from engram_cli.model.transformer import EngramModel
+from engram_cli.tables.plan import make_plan
+from engram_cli.train import TrainSettings, checkpoint, make_optimizers
 
 PLAN = make_plan(canonical_vocab_size=500, canonical_pad_id=0, original_vocab_size=600, layer_ids=(1,),
                  n_head_per_ngram=2, embed_dim_per_head=4, target_sizes=(101, 103))

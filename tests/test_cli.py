@@ -114,12 +114,12 @@ def test_debug_variable_shows_traceback(tmp_path):
 def test_disk_errors_are_one_line_naming_the_path_and_errno(monkeypatch, tmp_path):
     import errno
 
-    import engram_cli.vocab
+    import engram_cli.vocab.normalize
 
     def full_disk(config, progress=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "v" / "vocab_map.npy"))
 
-    monkeypatch.setattr(engram_cli.vocab, "normalize_vocab", full_disk)
+    monkeypatch.setattr(engram_cli.vocab.normalize, "normalize_vocab", full_disk)
     one_red_line(invoke("normalize-vocab", "-o", str(tmp_path / "v")),
                  "No space left on device on", "vocab_map.npy", "(ENOSPC)", "free disk space")
 

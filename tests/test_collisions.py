@@ -9,9 +9,10 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from engram_cli import collisions
-from engram_cli.collision_plots import plot_slot_load_histogram, plot_sweep
-from engram_cli.collisions import (
+from engram_cli.core.errors import InputError
+from engram_cli.tables import collisions
+from engram_cli.tables.collision_plots import plot_slot_load_histogram, plot_sweep
+from engram_cli.tables.collisions import (
     ROW_COLUMNS,
     hash_keys,
     hash_keys_reference,
@@ -22,9 +23,9 @@ from engram_cli.collisions import (
     slot_load_hist,
     sweep_collisions,
 )
-from engram_cli.errors import InputError
-from engram_cli.hashing import TablePlan, hash_ngrams, make_plan
-from engram_cli.sizing import (
+from engram_cli.tables.hashing import hash_ngrams
+from engram_cli.tables.plan import TablePlan, make_plan
+from engram_cli.tables.sizing import (
     expected_colliding_share,
     expected_indistinguishable_share,
     expected_max_load,
@@ -158,7 +159,7 @@ def test_keys_tied_in_every_head_are_the_keys_of_equal_mixes():
 
 @pytest.mark.parametrize("targets", [(23, 29), (2**33, 2**34)])
 def test_measure_tables_gives_heat_and_histogram_of_the_references(targets, monkeypatch):
-    from engram_cli.hotrows import row_heat
+    from engram_cli.tables.hotrows import row_heat
 
     monkeypatch.setattr(collisions, "_THREAD_KEYS", 0)
 

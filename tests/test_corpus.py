@@ -11,16 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engram_cli.corpus import (
-    CorpusSpec,
-    CorpusStats,
-    corpus_fingerprint,
-    iter_documents,
-    iter_tokenized,
-    parse_shard,
-    resolve_sources,
-)
-from engram_cli.errors import ConfigError, InputError
+from engram_cli.core.errors import ConfigError, InputError
+from engram_cli.corpus.spec import CorpusSpec, CorpusStats, parse_shard, resolve_sources
+from engram_cli.corpus.stream import corpus_fingerprint, iter_documents, iter_tokenized
 
 
 def docs_of(*sources, **options) -> list[str]:
@@ -213,7 +206,7 @@ def test_shards_partition_the_documents_deterministically(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from engram_cli.tokenizer import load_tokenizer
+    from engram_cli.vocab.tokenizer import load_tokenizer
 
     return load_tokenizer("deepseek").tokenizer
 
@@ -266,7 +259,7 @@ def test_corpus_fingerprint(tmp_path):
 
 def test_long_documents_are_tokenized_in_exact_pieces(tmp_path, deepseek, monkeypatch):
     """A huge document goes through the tokenizer in pieces (bounded memory) with the same ids."""
-    import engram_cli.corpus as corpus
+    import engram_cli.corpus.stream as corpus
 
     root = Path(__file__).resolve().parents[1] / "sample_data"
     text = "\n".join(p.read_text(encoding="utf-8") for p in sorted((root / "sotu").glob("*.txt"))[:3])

@@ -7,20 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engram_cli.corpus import CorpusSpec
-from engram_cli.data import (
-    Batches,
-    SubVocab,
-    TokenCache,
-    cache_key,
-    find_eos_id,
-    load_or_build_token_cache,
-    prepare_data,
-    split_stream,
-    token_counts,
-    unigram_entropy,
-)
-from engram_cli.errors import ArtifactError, ConfigError, InputError
+from engram_cli.core.errors import ArtifactError, ConfigError, InputError
+from engram_cli.corpus.cache import TokenCache, cache_key, load_or_build_token_cache
+from engram_cli.corpus.spec import CorpusSpec
+from engram_cli.train.data import Batches, SubVocab, prepare_data, split_stream, token_counts, unigram_entropy
+from engram_cli.vocab.tokenizer import find_eos_id
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 30, "Engram looks up static N-gram patterns. " * 40,
         "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 20)
@@ -51,12 +42,12 @@ def test_stream_is_documents_with_eos(cache, deepseek):
 
 
 def test_cache_is_reused_and_keyed(tmp_path, deepseek, vocab, cache, monkeypatch):
-    import engram_cli.corpus
+    import engram_cli.corpus.cache
 
     def no_tokenizing(*a, **k):
         raise AssertionError("the second run must not tokenize")
 
-    monkeypatch.setattr(engram_cli.corpus, "iter_tokenized", no_tokenizing)
+    monkeypatch.setattr(engram_cli.corpus.cache, "iter_tokenized", no_tokenizing)
     spec = CorpusSpec(sources=sorted(str(p) for p in (tmp_path / "corpus").glob("*.txt")))
     again = load_or_build_token_cache(spec, deepseek, vocab, tmp_path / "cache", eos_id=1)
     assert again.hit and again.path == cache.path

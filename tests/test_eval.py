@@ -19,9 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 from engram_cli import eval as E
-from engram_cli.corpus import CorpusSpec
-from engram_cli.errors import ConfigError
-from engram_cli.runs import load_run
+from engram_cli.core.errors import ConfigError
+from engram_cli.corpus.spec import CorpusSpec
+from engram_cli.train.runs import load_run
 
 from cli_asserts import one_red_line
 
@@ -67,7 +67,7 @@ def heldout_windows(run):
 @pytest.mark.parametrize("reference_module", [False, True])
 def test_knockout_of_a_zero_value_projection_changes_nothing(run, reference_module):
     torch.manual_seed(0)
-    from engram_cli.model import EngramModel
+    from engram_cli.model.transformer import EngramModel
 
     model = EngramModel(replace(run.model_config, engram_reference_module=reference_module), run.plan).eval()
     model.load_state_dict(run.model.state_dict(), strict=False)  # the trained weights (the reference module has W_V/W_K biases too)
@@ -84,7 +84,7 @@ def test_knockout_of_a_zero_value_projection_changes_nothing(run, reference_modu
 
 
 def test_knockout_is_the_backbone_alone(run):
-    from engram_cli.model import EngramModel
+    from engram_cli.model.transformer import EngramModel
 
     backbone = EngramModel(run.model_config, None).eval()
     missing, unexpected = backbone.load_state_dict(run.model.state_dict(), strict=False)
@@ -112,7 +112,7 @@ def test_knockout_switches_the_memory_off_and_back_on(run):
 
 
 def test_heldout_split_is_rebuilt_as_training_split_it(run, result):
-    from engram_cli.data import split_stream
+    from engram_cli.train.data import split_stream
 
     r = result.runs[0]
     split = E.training_split(run)
@@ -125,7 +125,7 @@ def test_heldout_split_is_rebuilt_as_training_split_it(run, result):
 
 
 def test_without_its_token_cache_the_split_is_rebuilt_only_from_the_same_corpus(run, tmp_path):
-    from engram_cli.errors import ArtifactError
+    from engram_cli.core.errors import ArtifactError
 
     cached = E.training_split(run)
     rebuilt = E.training_split(run, cache_dir=tmp_path / "cache")  # no entry there: tokenized again
@@ -249,16 +249,16 @@ def test_error_bucket_n_beyond_the_plan(run_dir):
 
 
 def test_error_runs_of_different_tokenizers(run_dir, baseline_dir, monkeypatch):
-    import engram_cli.runs
+    import engram_cli.train.runs
 
-    real = engram_cli.runs.load_run
+    real = engram_cli.train.runs.load_run
 
     def load(path, *args, **kwargs):
         loaded = real(path, *args, **kwargs)
         other = replace(loaded.tokenizer, fingerprint="e" * 64)
         return replace(loaded, tokenizer=other) if Path(path) == baseline_dir else loaded
 
-    monkeypatch.setattr(engram_cli.runs, "load_run", load)
+    monkeypatch.setattr(engram_cli.train.runs, "load_run", load)
     one_red_line(invoke(str(run_dir), str(baseline_dir)), "different tokenizers")
     with pytest.raises(ConfigError, match="different tokenizers"):
         E.evaluate(E.EvalConfig(runs=[run_dir, baseline_dir]))

@@ -9,19 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from engram_cli import hash_kernels, hashing
-from engram_cli.errors import ArtifactError, ConfigError, InputError
-from engram_cli.hashing import (
-    PLAN_FORMAT,
-    PLAN_VERSION,
-    TablePlan,
-    hash_ngrams,
-    hash_ngrams_reference,
-    make_multipliers,
-    make_plan,
-    make_primes,
+from engram_cli.core.errors import ArtifactError, ConfigError, InputError
+from engram_cli.tables import kernels as hash_kernels
+from engram_cli.tables import plan as hashing_plan
+from engram_cli.tables.hashing import hash_ngrams, hash_ngrams_reference
+from engram_cli.tables.plan import PLAN_FORMAT, PLAN_VERSION, TablePlan, make_multipliers, make_plan, make_primes
+from engram_cli.tables.sizing import (
+    expected_colliding_share,
+    target_size_for_collision_rate,
+    target_size_for_memory_budget,
 )
-from engram_cli.sizing import expected_colliding_share, target_size_for_collision_rate, target_size_for_memory_budget
 
 
 def wrap64(x: int) -> int:
@@ -148,7 +145,7 @@ def test_numpy_equals_torch(shape):
         assert isinstance(got, torch.Tensor) and got.dtype == torch.int64
         assert np.array_equal(got.numpy(), want)
         # ... and the pure-torch path that other devices take
-        torch_path = hash_kernels._hash_torch(torch.from_numpy(ids), plan.multipliers[layer],
+        torch_path = hash_kernels.hash_torch(torch.from_numpy(ids), plan.multipliers[layer],
                                          plan.primes[layer], plan.canonical_pad_id)
         assert np.array_equal(torch_path.numpy(), want)
 
@@ -239,9 +236,9 @@ def test_next_prime_equals_sympy():
     starts = list(range(-3, 2000)) + [int(x) for x in rng.integers(2000, 2**40, 300)] + \
         [646_399, 16_000_000 - 1, 2**61 - 2, 2**63 - 60, 3_215_031_751 - 1]   # 3215031751: strong pseudoprime to 2, 3, 5, 7
     for n in starts:
-        assert hashing.next_prime(n) == sympy.nextprime(n), n
+        assert hashing_plan.next_prime(n) == sympy.nextprime(n), n
     for n in list(range(0, 3000)) + [2**61 - 1, 2**63 - 25, 3_215_031_751, 3_825_123_056_546_413_051, 561, 1105]:
-        assert hashing.is_prime(n) == sympy.isprime(n), n
+        assert hashing_plan.is_prime(n) == sympy.isprime(n), n
 
 
 def test_default_plan():

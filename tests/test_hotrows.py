@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engram_cli.hashing import hash_ngrams, make_plan
-from engram_cli.hotrows import cache_curve, hot_row_curves, row_heat, rows_for_share
+from engram_cli.tables.hashing import hash_ngrams
+from engram_cli.tables.hotrows import cache_curve, hot_row_curves, row_heat, rows_for_share
+from engram_cli.tables.plan import make_plan
 
 
 def small_case(seed=0):

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from engram_cli.errors import ConfigError, InputError
-from engram_cli.hashing import hash_ngrams, make_plan
-from engram_cli.model import EngramModel, ModelConfig, param_counts
-from engram_cli.moe import MoE, SwiGLU, load_balancing_loss, moe_reference_forward
+from engram_cli.core.errors import ConfigError, InputError
+from engram_cli.model.config import ModelConfig
+from engram_cli.model.moe import MoE, SwiGLU, load_balancing_loss, moe_reference_forward
+from engram_cli.model.transformer import EngramModel, param_counts
+from engram_cli.tables.hashing import hash_ngrams
+from engram_cli.tables.plan import make_plan
 
 V = 96  # model vocabulary of the tiny tests
 CANON_V = 80  # canonical vocabulary (canonical ids are idx % CANON_V)
@@ -372,7 +374,7 @@ def test_engram_module_is_built_as_the_reference_builds_it():
 
 @pytest.mark.parametrize("reference", [True, False])
 def test_engram_biases_are_counted(reference):
-    from engram_cli.budget import predict_param_counts
+    from engram_cli.model.budget import predict_param_counts
 
     cfg, plan = tiny_config(engram_reference_module=reference, engram_hc_mult=2), tiny_plan()
     assert predict_param_counts(cfg, plan) == {k: v for k, v in param_counts(EngramModel(cfg, plan)).items()

@@ -8,15 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from engram_cli.counting import NgramCounter, count_ngrams, counter_sizes, merge_stats
-from engram_cli.errors import ArtifactError, ConfigError, InputError
-from engram_cli.ngram_stats import NgramStats, order_by_count
-from engram_cli.ngrams import (
-    KeyLayout,
-    group_rows,
-    reduce_keys,
-    reduce_keys_lexsort,
-)
+from engram_cli.core.errors import ArtifactError, ConfigError, InputError
+from engram_cli.tables.counting import NgramCounter, count_ngrams, counter_sizes, merge_stats
+from engram_cli.tables.keys import KeyLayout, group_rows, reduce_keys, reduce_keys_lexsort
+from engram_cli.tables.stats import NgramStats, order_by_count
 
 
 def naive_counts(docs, max_n) -> dict[int, Counter]:
@@ -94,7 +89,7 @@ def test_add_batch_equals_naive_counter(buffers, vocab_size, tmp_path):
 
 
 def test_results_unpacked_in_blocks_are_the_same(monkeypatch):
-    from engram_cli import ngram_stats
+    from engram_cli.tables import stats as ngram_stats
 
     rng = np.random.default_rng(12)
     docs = random_docs(rng, 60, count=80)
@@ -256,8 +251,9 @@ def test_merge_of_random_partitions_equals_one_run():
 
 def test_corpus_shards_merged_equal_one_run(tmp_path):
     """Shards 0/3, 1/3, 2/3 of a real corpus, tokenized with DeepSeek, merge to the one-run counts."""
-    from engram_cli.corpus import CorpusSpec, iter_tokenized
-    from engram_cli.tokenizer import load_tokenizer
+    from engram_cli.corpus.spec import CorpusSpec
+    from engram_cli.corpus.stream import iter_tokenized
+    from engram_cli.vocab.tokenizer import load_tokenizer
 
     tok = load_tokenizer("deepseek")
     lines = [f"Engram looks up {w} n-grams in table {i % 7} of layer {i % 3}." for i, w in

@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from engram_cli.cli import app
-from engram_cli.errors import ConfigError
-from engram_cli.hashing import TablePlan, make_plan, row_bytes
-from engram_cli.presets import PRESETS, resolve_plan_options
-from engram_cli.sizing import target_size_for_memory_budget
-from engram_cli.tables import BuildTablesConfig, build_tables
+from engram_cli.core.errors import ConfigError
+from engram_cli.tables.build import BuildTablesConfig, build_tables
+from engram_cli.tables.plan import TablePlan, make_plan, row_bytes
+from engram_cli.tables.presets import PRESETS, resolve_plan_options
+from engram_cli.tables.sizing import target_size_for_memory_budget
 
 from cli_asserts import one_red_line
 
@@ -89,7 +89,7 @@ def test_plan_only_bad_input(tmp_path, vocab_dir, args, needles):
 
 
 def test_a_full_build_records_the_preset(tmp_path, vocab_dir):
-    from engram_cli.corpus import CorpusSpec
+    from engram_cli.corpus.spec import CorpusSpec
 
     with pytest.raises(ConfigError, match="sets --target-size"):
         BuildTablesConfig(vocab=vocab_dir, out=tmp_path / "t", preset="deepseek-v3-demo", target_size=1009)

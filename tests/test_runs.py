@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engram_cli.errors import ArtifactError
-from engram_cli.runs import LoadedRun, check_vocab_fit, load_run, plan_fingerprint
+from engram_cli.core.errors import ArtifactError
+from engram_cli.train.runs import LoadedRun, check_vocab_fit, load_run, plan_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def run_copy(run_dir, tmp_path) -> Path:
 def edit_json(path: Path, edit, run: Path | None = None) -> None:
     """Change a JSON file; with ``run``, record its new size and sha256 in the run's manifest too
     (so that only load_run's own checks can tell)."""
-    from engram_cli.artifacts import sha256_file
+    from engram_cli.core.artifacts import sha256_file
 
     doc = json.loads(path.read_text())
     edit(doc)
@@ -91,7 +91,7 @@ def test_a_checkpoint_recording_another_identity_is_refused(run_copy, what, edit
 
 
 def test_a_checkpoint_holding_another_table_plan_or_subvocabulary_is_refused(run_copy):
-    from engram_cli.artifacts import sha256_file
+    from engram_cli.core.artifacts import sha256_file
 
     ckpt = run_copy / "ckpt" / "step_000002"  # another plan, recorded consistently in the checkpoint
     plan = ckpt / "table_plan.json"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from engram_cli.budget import allocate
-from engram_cli.hashing import make_plan
+from engram_cli.model.budget import allocate
+from engram_cli.tables.plan import make_plan
 from engram_cli.train import load_settings
 
 STUDY = Path(__file__).resolve().parents[1] / "configs" / "study.toml"

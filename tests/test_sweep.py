@@ -19,9 +19,9 @@ import pytest
 from conftest import TINY_RUN_CORPUS, TINY_RUN_SETS
 from typer.testing import CliRunner
 
-from engram_cli.artifacts import read_manifest
 from engram_cli.cli import app
-from engram_cli.errors import ConfigError, Interrupted
+from engram_cli.core.artifacts import read_manifest
+from engram_cli.core.errors import ConfigError, Interrupted
 from engram_cli.sweep import (
     ONE_SEED,
     WITHIN,
@@ -119,8 +119,10 @@ def test_capacity_one_is_one_row_per_head_not_the_smallest_primes():
     import numpy as np
     import torch
 
-    from engram_cli.hashing import TablePlan, hash_ngrams, make_plan, replan
-    from engram_cli.model import EngramModel, ModelConfig
+    from engram_cli.model.config import ModelConfig
+    from engram_cli.model.transformer import EngramModel
+    from engram_cli.tables.hashing import hash_ngrams
+    from engram_cli.tables.plan import TablePlan, make_plan, replan
 
     smallest = make_plan(canonical_vocab_size=100, canonical_pad_id=0, original_vocab_size=120, layer_ids=(1,),
                          n_head_per_ngram=4, target_sizes=(1, 1), embed_dim_per_head=8)
@@ -168,7 +170,7 @@ def test_one_row_and_one_plot_marker_per_run(alloc):
     assert p["verdict"] in (WITHIN, "lower loss than the reference", "higher loss than the reference")
     manifest = read_manifest(cfg.out, "engram.sweep")  # every listed file present with its sha256
     assert manifest["summary"]["status"] == "finished" and len(manifest["runs"]) == 4
-    from engram_cli.runs import load_run
+    from engram_cli.train.runs import load_run
 
     assert load_run(cfg.out / "runs" / "rho=0.5--seed=1", with_model=False).plan is not None  # an ordinary run
 
@@ -230,7 +232,7 @@ def test_interrupted_run_resumes_and_unstarted_run_restarts(tmp_path, tiny_table
 
 
 def test_force_keeps_the_previous_sweep_until_the_new_one_is_complete(tmp_path, tiny_tables, monkeypatch):
-    from engram_cli.artifacts import sha256_file
+    from engram_cli.core.artifacts import sha256_file
 
     old_cfg = config(tmp_path / "s", tiny_tables, ratios=[1.0], seeds=[0])
     sweep(old_cfg)
@@ -268,7 +270,7 @@ def test_grid_replans_plan_keys_at_equal_parameters(tmp_path, tiny_tables):
     assert abs(a["total_params"] / b["total_params"] - 1) < 0.01  # --allocation spreads the same budget
     manifest = json.loads((Path(b["run_dir"]) / "manifest.json").read_text())
     assert manifest["plan"]["source"] == "derived" and manifest["plan"]["changes"] == {"n_head_per_ngram": 3}
-    from engram_cli.hashing import TablePlan
+    from engram_cli.tables.plan import TablePlan
 
     assert TablePlan.load(Path(b["run_dir"]) / "table_plan.json").n_head_per_ngram == 3
     config_json = json.loads((Path(b["run_dir"]) / "config.json").read_text())

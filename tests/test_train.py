@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from engram_cli.cli import app
-from engram_cli.errors import ArtifactError, ConfigError, InputError, TrainingError
+from engram_cli.core.errors import ArtifactError, ConfigError, InputError, TrainingError
 from engram_cli.train import (
     Settings,
     TrainConfig,
@@ -105,20 +105,20 @@ def test_loss_decreases_below_unigram_entropy(tmp_path, tables):
 def test_second_run_reuses_the_token_cache(tmp_path, tables, monkeypatch):
     first = run(tmp_path / "a", tables, "train.steps=1")
     assert first.data["cache_hit"] is False
-    import engram_cli.corpus
+    import engram_cli.corpus.cache
 
     def no_tokenizing(*a, **k):
         raise AssertionError("the cached stream must be used")
 
-    monkeypatch.setattr(engram_cli.corpus, "iter_tokenized", no_tokenizing)
+    monkeypatch.setattr(engram_cli.corpus.cache, "iter_tokenized", no_tokenizing)
     second = run(tmp_path / "b", tables, "train.steps=1")
     assert second.data["cache_hit"] is True and second.data["cache"] == first.data["cache"]
     assert second.train_loss == first.train_loss
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tables, monkeypatch):
-    from engram_cli import checkpoint
-    from engram_cli.model import EngramModel
+    from engram_cli.model.transformer import EngramModel
+    from engram_cli.train import checkpoint
 
     forward = EngramModel.forward
     calls = {"train": 0}
@@ -145,8 +145,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tables, mon
 
 
 def _small_model():
-    from engram_cli.hashing import make_plan
-    from engram_cli.model import EngramModel, ModelConfig
+    from engram_cli.model.config import ModelConfig
+    from engram_cli.model.transformer import EngramModel
+    from engram_cli.tables.plan import make_plan
 
     plan = make_plan(canonical_vocab_size=500, canonical_pad_id=0, original_vocab_size=600, layer_ids=(1,),
                      n_head_per_ngram=2, embed_dim_per_head=4, target_sizes=(101, 103))
@@ -269,13 +270,13 @@ def test_cli_end_to_end_with_allocation(tmp_path, tables):
     assert len(ins["tables"]["manifest_sha256"]) == len(ins["vocab"]["sha256"]) == len(ins["tokenizer"]["sha256"]) == 64
     assert ins["corpus"]["corpus_sha256"]
     assert set(m["files"]) == files(out) - {"manifest.json"}
-    from engram_cli.artifacts import read_manifest
+    from engram_cli.core.artifacts import read_manifest
 
     read_manifest(out, "engram.run", verify_hashes=True)
 
     # the model loads back for inference with its sub-vocabulary and derived plan
-    from engram_cli.hashing import TablePlan
-    from engram_cli.runs import load_run
+    from engram_cli.tables.plan import TablePlan
+    from engram_cli.train.runs import load_run
 
     loaded = load_run(out)
     assert loaded.step == 6 and loaded.plan == TablePlan.load(out / "table_plan.json")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from test_train import CORPUS, SETS
 
-from engram_cli.artifacts import output_lock
-from engram_cli.errors import ArtifactError, Interrupted, TrainingError
+from engram_cli.core.artifacts import output_lock
+from engram_cli.core.errors import ArtifactError, Interrupted, TrainingError
 from engram_cli.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow

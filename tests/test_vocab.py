@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engram_cli.errors import ArtifactError, InputError
-from engram_cli.vocab import (
+from engram_cli.core.errors import ArtifactError, InputError
+from engram_cli.vocab.normalize import (
     NormalizeSteps,
     NormalizeVocabConfig,
     canonical_keys,
@@ -150,7 +150,7 @@ def test_failed_run_leaves_previous_artifact_intact(tmp_path, vocab_dir):
 @pytest.mark.parametrize("steps", [NormalizeSteps(), NormalizeSteps(lowercase=False),
                                    NormalizeSteps(whitespace=False), NormalizeSteps(nfkc=False, strip_accents=False)])
 def test_batched_normalization_equals_per_token_reference(deepseek, steps):
-    from engram_cli.vocab import canonical_keys_reference
+    from engram_cli.vocab.normalize import canonical_keys_reference
 
     texts, raw = decode_vocabulary(deepseek)
     assert canonical_keys(texts, raw, steps) == canonical_keys_reference(texts, raw, steps)
@@ -160,7 +160,7 @@ def test_separator_handles_combining_marks_and_sigma():
     # a lone combining mark must not compose with the previous token; final sigma is per token
     texts = ["e", "\u0301", "ΑΣ", "Σ", " ", "  x  ", "\t\n"]
     raw = list(texts)
-    from engram_cli.vocab import canonical_keys_reference
+    from engram_cli.vocab.normalize import canonical_keys_reference
 
     for steps in [NormalizeSteps(), NormalizeSteps(strip_accents=False)]:
         assert canonical_keys(texts, raw, steps) == canonical_keys_reference(texts, raw, steps)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from engram_cli.commands.options import DocMode, Force, HfSplit, Json, MaxTokens, Quiet, TextColumn, Tokenizer
-from engram_cli.errors import ConfigError
+from engram_cli.core.errors import ConfigError
 
 EXAMPLES = [
     ("engram build-tables sample_data/sotu/*.txt sample_data/zh_classics.jsonl --vocab out/vocab --out out/tables",
@@ -88,8 +88,8 @@ def build_tables_command(
     Tokenizes the corpus with the vocab's tokenizer, maps ids to canonical ids, counts every 1..N-gram of the documents joined by their separator exactly, as the model will hash them (--boundary), makes the table plan `engram train` reads (prime sizes per layer, order and head; hash multipliers — the reference Engram scheme), and measures how often the hashing collides at those sizes beside what uniform hashing predicts.
     """
     from engram_cli.commands.render import run_command
-    from engram_cli.corpus import CorpusSpec, parse_shard
-    from engram_cli.tables import BuildTablesConfig, build_tables
+    from engram_cli.corpus.spec import CorpusSpec, parse_shard
+    from engram_cli.tables.build import BuildTablesConfig, build_tables
 
     if threads is not None:  # the tokenizer's thread pool reads this when it starts (first batch)
         os.environ["RAYON_NUM_THREADS"] = str(threads)

@@ -49,7 +49,7 @@ def eval_command(
     Each run is scored on its own held-out split, rebuilt exactly as training split it (or on a CORPUS given after the runs). The loss is broken down by how often the target's n-gram (its n-1 preceding tokens + itself, canonical ids) occurs in the run's training split (unseen, 1, 2–9, 10–99, ≥100) and by the target token's script. --knockout engram scores again with every Engram module switched off and shows the difference per bucket: where the memory pays.
     """
     from engram_cli.commands.render import run_command
-    from engram_cli.corpus import CorpusSpec
+    from engram_cli.corpus.spec import CorpusSpec
     from engram_cli.eval import EvalConfig, evaluate
     from engram_cli.eval.config import split_arguments
 

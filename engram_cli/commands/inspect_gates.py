@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from engram_cli.commands.options import DocMode, Json, MaxTokens, Quiet, TextColumn
-from engram_cli.errors import ConfigError, InputError
+from engram_cli.core.errors import ConfigError, InputError
 
 EXAMPLES = [
     ("engram inspect-gates --model out/run \"Alexander the Great founded many cities.\"",
@@ -60,7 +60,7 @@ def inspect_gates_command(
     A text (argument, --file or stdin) is tokenized with the run's tokenizer and run through the trained model; the gate each Engram layer computed for each token is shaded in the terminal and, with --out, drawn as a heatmap (PNG + SVG). --compare / --compare-step put a second run or checkpoint beside it. With --corpus it aggregates over a corpus instead: the n-grams with the highest and lowest mean gate, a gate histogram per layer and the mean gate by token frequency.
     """
     from engram_cli.commands.render import run_command
-    from engram_cli.corpus import CorpusSpec
+    from engram_cli.corpus.spec import CorpusSpec
     from engram_cli.gates import InspectGatesConfig, inspect_gates
 
     sources = list(corpus or [])

@@ -36,7 +36,7 @@ def normalize_vocab_command(
     Case, accent and whitespace variants of a token (Apple/apple, é/e, " the"/"the") get one canonical id, exactly as the reference Engram implementation does. Writes vocab_map.npy, canonical_vocab.parquet and manifest.json to --out, and reports how much each step saves.
     """
     from engram_cli.commands.render import run_command
-    from engram_cli.vocab import NormalizeSteps, NormalizeVocabConfig, normalize_vocab
+    from engram_cli.vocab.normalize import NormalizeSteps, NormalizeVocabConfig, normalize_vocab
 
     config = NormalizeVocabConfig(
         out=out, tokenizer=tokenizer, force=force, top_groups=top,

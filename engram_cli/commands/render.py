@@ -16,7 +16,7 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 def show_token(text: str, max_len: int = 40) -> str:
     """Readable form of a token's text (see ``engram_cli.text.display_token``)."""
-    from engram_cli.text import display_token
+    from engram_cli.core.text import display_token
 
     return display_token(text, max_len=max_len)
 

@@ -19,11 +19,11 @@ import unicodedata
 
 import numpy as np
 
-from engram_cli.counting import NgramCounter
+from engram_cli.core.progress import ProgressFn, report
+from engram_cli.core.text import is_cjk
 from engram_cli.eval.config import COUNT_EDGES, SCRIPT_BUCKETS
-from engram_cli.ngrams import KeyLayout, group_rows, id_bits
-from engram_cli.progress import ProgressFn, report
-from engram_cli.text import is_cjk
+from engram_cli.tables.counting import NgramCounter
+from engram_cli.tables.keys import KeyLayout, group_rows, id_bits
 
 
 def training_ngram_counts(stream: np.ndarray, ranges, canonical: np.ndarray, n: int, vocab_size: int,

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engram_cli.corpus import CorpusSpec
+from engram_cli.core.artifacts import artifact_format
+from engram_cli.core.errors import ConfigError, InputError
+from engram_cli.corpus.spec import CorpusSpec
+from engram_cli.train.runs import RUN_FORMAT, load_run
 
 FORMAT = "engram.eval"
 BUCKETS_FILE = "buckets.parquet"
@@ -73,9 +76,6 @@ def split_arguments(args: list[str]) -> tuple[list[Path], list[str]]:
     """``RUN... [CORPUS...]`` -> (run directories, corpus sources): the leading arguments that are
     run artifacts (``engram.run``) are the runs, the rest the corpus. A first argument that is not
     a run gets the run loader's own error (missing, not a run, no checkpoint...)."""
-    from engram_cli.artifacts import artifact_format
-    from engram_cli.errors import ConfigError, InputError
-    from engram_cli.runs import RUN_FORMAT, load_run
 
     if not args:
         raise InputError("no run given", "pass one or more run directories: engram eval RUN... [CORPUS...]")

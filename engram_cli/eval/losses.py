@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 
-from engram_cli.progress import ProgressFn, report
-from engram_cli.runs import LoadedRun
+from engram_cli.core.progress import ProgressFn, report
+from engram_cli.train.runs import LoadedRun
 
 Z95 = 1.959963984540054  # two-sided 95% quantile of the normal distribution
 

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from engram_cli import plotting
+from engram_cli.core import plotting
 from engram_cli.eval.config import COUNT_BUCKETS, KIND_COUNT, KIND_SCRIPT, SCRIPT_BUCKETS
 
 PANEL_W, PANEL_H = 3.4, 1.9   # inches per panel

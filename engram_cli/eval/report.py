@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import artifact_dir, check_output_dir
-from engram_cli.counting import MAX_ORDER
-from engram_cli.errors import ConfigError
+from engram_cli.core.artifacts import artifact_dir, check_output_dir
+from engram_cli.core.errors import ConfigError
+from engram_cli.core.progress import ProgressFn, report
+from engram_cli.corpus.stream import corpus_fingerprint
 from engram_cli.eval import buckets as B
 from engram_cli.eval import texts as X
 from engram_cli.eval.config import (
@@ -34,8 +35,9 @@ from engram_cli.eval.config import (
     config_record,
 )
 from engram_cli.eval.losses import bits_per_byte, mean_ci95, token_losses, window_sums
-from engram_cli.progress import ProgressFn, report
-from engram_cli.runs import LoadedRun
+from engram_cli.eval.plots import plot_eval
+from engram_cli.tables.counting import MAX_ORDER
+from engram_cli.train.runs import LoadedRun, load_run
 
 
 @dataclass
@@ -123,7 +125,6 @@ def _json_safe(obj: Any) -> Any:
 
 def evaluate(config: EvalConfig, progress: ProgressFn | None = None) -> EvalResult:
     """Score every run of ``config`` (see the package docstring); write ``config.out`` if set."""
-    from engram_cli.runs import load_run
 
     progress = report(progress)
     _check_config(config)
@@ -278,7 +279,6 @@ def _num(v: float | None) -> float | None:
 def _write_artifact(config: EvalConfig, runs: list[LoadedRun], result: EvalResult, t0: float) -> None:
     import pyarrow.parquet as pq
 
-    from engram_cli.eval.plots import plot_eval
 
     with artifact_dir(config.out, FORMAT, force=config.force) as w:
         pq.write_table(bucket_table(result), w.path(BUCKETS_FILE))
@@ -288,7 +288,6 @@ def _write_artifact(config: EvalConfig, runs: list[LoadedRun], result: EvalResul
                               "vocab_sha256": r.vocab.fingerprint, "tokenizer_sha256": r.tokenizer.fingerprint}
                              for r in runs], "tokenizer": runs[0].tokenizer.describe()}
         if config.corpus is not None:
-            from engram_cli.corpus import corpus_fingerprint
 
             w.inputs["corpus"] = corpus_fingerprint(config.corpus)
         w.summary = {"text": result.text, "bucket_n": result.bucket_n, "knockout": result.knockout,

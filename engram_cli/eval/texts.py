@@ -23,9 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engram_cli.errors import ArtifactError, EngramError, InputError
-from engram_cli.progress import ProgressFn
-from engram_cli.runs import LoadedRun
+from engram_cli.core.errors import ArtifactError, EngramError, InputError
+from engram_cli.core.progress import ProgressFn
+from engram_cli.corpus.cache import cache_key, default_cache_dir, find_token_cache, load_or_build_token_cache
+from engram_cli.corpus.spec import CorpusStats
+from engram_cli.corpus.stream import corpus_fingerprint, iter_tokenized
+from engram_cli.train.data import split_stream
+from engram_cli.train.runs import LoadedRun
+from engram_cli.train.settings import DataSettings
 
 
 @dataclass
@@ -57,7 +62,6 @@ class TrainingSplit:
 
 def training_split(run: LoadedRun, cache_dir=None, progress: ProgressFn | None = None) -> TrainingSplit:
     """The run's token stream (from its trainer's cache; see the module docstring) and its split."""
-    from engram_cli.data import cache_key, default_cache_dir, find_token_cache, split_stream
 
     recorded = run.manifest.get("inputs", {}).get("corpus", {})
     data = run.config.get("data", {})
@@ -79,9 +83,6 @@ def training_split(run: LoadedRun, cache_dir=None, progress: ProgressFn | None =
 
 def _tokenize_again(run: LoadedRun, recorded: dict, key: str, cache_dir, progress):
     """No cache entry: tokenize the run's corpus again, if its files are still the recorded ones."""
-    from engram_cli.corpus import corpus_fingerprint
-    from engram_cli.data import load_or_build_token_cache
-    from engram_cli.train.settings import DataSettings
 
     sources = run.config.get("run", {}).get("corpus", [])
     fix = "pass the run's token cache (--cache-dir), or run from the directory the run was trained in"
@@ -120,7 +121,6 @@ def corpus_text(docs: Sequence[np.ndarray], separator: int | None) -> ScoredText
 def read_corpus(spec, tokenizer, progress: ProgressFn | None = None) -> tuple[list[np.ndarray], dict]:
     """The documents of a corpus as original ids (the tokenizer's, no special tokens) and the
     reading figures (``CorpusStats``); an empty corpus is an InputError of the reader."""
-    from engram_cli.corpus import CorpusStats, iter_tokenized
 
     stats = CorpusStats()
     docs = [d for batch in iter_tokenized(spec, tokenizer.tokenizer, stats=stats, progress=progress)

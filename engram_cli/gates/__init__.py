@@ -63,7 +63,7 @@ from engram_cli.gates.forward import (
 from engram_cli.gates.plots import plot_gate_by_frequency, plot_gate_heatmap, plot_gate_histogram
 from engram_cli.gates.report import GateReport, inspect_gates, inspect_text, trace_table
 from engram_cli.gates.text import VIRIDIS_ANCHORS, gate_rgb, readable_on, row_labels, token_texts
-from engram_cli.runs import LoadedRun
+from engram_cli.train.runs import LoadedRun
 
 __all__ = [
     "InspectGatesConfig", "inspect_gates", "inspect_text", "inspect_corpus", "GateReport", "CorpusGateResult",

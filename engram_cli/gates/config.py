@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engram_cli.corpus import CorpusSpec
-from engram_cli.runs import LoadedRun
+from engram_cli.corpus.spec import CorpusSpec
+from engram_cli.train.runs import LoadedRun
 
 TOKENS_FILE = "tokens.parquet"
 HEATMAP_PNG = "gates.png"

@@ -19,8 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import artifact_dir, check_output_dir
-from engram_cli.errors import ConfigError, InputError
+from engram_cli.core.artifacts import artifact_dir, check_output_dir
+from engram_cli.core.errors import ConfigError, InputError
+from engram_cli.core.progress import ProgressFn, report
+from engram_cli.corpus.spec import CorpusStats
+from engram_cli.corpus.stream import corpus_fingerprint, iter_tokenized
 from engram_cli.gates.config import (
     FREQUENCY_FILE,
     FREQUENCY_PNG,
@@ -32,10 +35,10 @@ from engram_cli.gates.config import (
     run_record,
 )
 from engram_cli.gates.forward import document_gates, load_run_model
+from engram_cli.gates.plots import plot_gate_by_frequency, plot_gate_histogram
 from engram_cli.gates.text import row_labels
-from engram_cli.ngrams import KeyLayout, group_rows, id_bits
-from engram_cli.progress import ProgressFn, report
-from engram_cli.runs import LoadedRun
+from engram_cli.tables.keys import KeyLayout, group_rows, id_bits
+from engram_cli.train.runs import LoadedRun
 
 
 class GateAggregator:
@@ -220,7 +223,6 @@ def inspect_corpus(config: InspectGatesConfig, progress: ProgressFn | None = Non
 def _aggregate(run: LoadedRun, config: InspectGatesConfig, n_rows: int, progress: ProgressFn):
     """Tokenize the corpus, run the model over each batch of documents and aggregate the gates:
     (the aggregator, the corpus's CorpusStats, tokens fed as UNK)."""
-    from engram_cli.corpus import CorpusStats, iter_tokenized
 
     spec = config.corpus
     agg = GateAggregator(run.plan.max_ngram_size, n_rows, run.vocab.canonical_vocab_size,
@@ -301,8 +303,6 @@ def _write_corpus_artifact(config: InspectGatesConfig, run: LoadedRun, agg: Gate
                            result: CorpusGateResult, t0: float) -> None:
     import pyarrow.parquet as pq
 
-    from engram_cli.corpus import corpus_fingerprint
-    from engram_cli.gates.plots import plot_gate_by_frequency, plot_gate_histogram
 
     labels = result.rows
     with artifact_dir(config.out, "engram.gates", force=config.force) as w:

@@ -15,16 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.errors import ConfigError, InputError
+from engram_cli.core.errors import ConfigError, InputError
+from engram_cli.core.progress import ProgressFn, report
 from engram_cli.gates.text import row_labels, token_texts
-from engram_cli.progress import ProgressFn, report
-from engram_cli.runs import LoadedRun
+from engram_cli.train.runs import LoadedRun, load_run
 
 
 def load_run_model(run_dir: str | os.PathLike, step: int | None = None, device: str = "cpu") -> LoadedRun:
     """A run directory written by ``engram train``, loaded for inspection with its model
     (:func:`engram_cli.runs.load_run`); a run without Engram layers is refused (:func:`check_run`)."""
-    from engram_cli.runs import load_run
 
     run = load_run(run_dir, step, device, verify=False)  # inference: file sizes checked, not hashed
     check_run(run)

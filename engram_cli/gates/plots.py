@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli import plotting
-from engram_cli.errors import ConfigError
+from engram_cli.core import plotting
+from engram_cli.core.errors import ConfigError
+from engram_cli.core.text import display_token, is_cjk
 from engram_cli.gates.forward import GateTrace
-from engram_cli.text import display_token, is_cjk
 
 # ---------------------------------------------------------------------------------------------
 # the heatmap: tokens along x, layers (branches) along y, wrapped into rows of panels

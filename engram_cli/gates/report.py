@@ -10,13 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engram_cli.artifacts import artifact_dir, atomic_output, check_output_dir, check_output_file, holds_output_lock
-from engram_cli.errors import ConfigError, InputError
+from engram_cli.core.artifacts import (
+    artifact_dir,
+    atomic_output,
+    check_output_dir,
+    check_output_file,
+    holds_output_lock,
+)
+from engram_cli.core.errors import ConfigError, InputError
+from engram_cli.core.progress import ProgressFn
 from engram_cli.gates.config import HEATMAP_PNG, HEATMAP_SVG, TOKENS_FILE, InspectGatesConfig, config_record, run_record
 from engram_cli.gates.corpus import CorpusGateResult, inspect_corpus
 from engram_cli.gates.forward import GateTrace, load_run_model, trace_text
-from engram_cli.progress import ProgressFn
-from engram_cli.runs import LoadedRun
+from engram_cli.gates.plots import plot_gate_heatmap
+from engram_cli.train.runs import LoadedRun
 
 
 @dataclass
@@ -174,7 +181,6 @@ def _write_text_artifact(config: InspectGatesConfig, runs: list[LoadedRun], repo
     """The ``engram.gates`` artifact of text / compare mode: tokens.parquet, the heatmap, the manifest."""
     import pyarrow.parquet as pq
 
-    from engram_cli.gates.plots import plot_gate_heatmap
 
     traces = report.traces
     with artifact_dir(config.out, "engram.gates", force=config.force) as w:

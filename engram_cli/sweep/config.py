@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engram_cli.errors import ConfigError
+from engram_cli.core.errors import ConfigError
+from engram_cli.train.settings import parse_set, resolve_key
 
 FORMAT = "engram.sweep"
 RUNS_DIR = "runs"                 # the run directories, one per point and seed
@@ -172,7 +173,6 @@ def _split_values(text: str) -> list[str]:
 def parse_axis(text: str) -> tuple[str, list[Any]]:
     """``--axis KEY=V1,V2`` -> (``section.key``, values); values are read as ``--set`` reads them
     (TOML, else a plain string). The key must be a config key (``engram train --set``)."""
-    from engram_cli.train.settings import parse_set, resolve_key
 
     if "=" not in text:
         raise ConfigError(f"--axis {text!r} is not of the form KEY=V1,V2", "e.g. --axis plan.n_head_per_ngram=2,4")

@@ -20,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from engram_cli.core import plotting
 from engram_cli.sweep.config import SINGLE_ROW_SLOTS
 from engram_cli.sweep.summary import METRIC, WITHIN
+from engram_cli.train.curves import draw_losses
+from engram_cli.train.run import METRICS_FILE, read_metrics
 
 SEED_STYLES = ("-", "--", ":", "-.")
 
@@ -124,7 +127,6 @@ def _grid(ax, runs: list[dict], points: list[dict]) -> int:
 def plot_sweep(kind: str, runs: list[dict], points: list[dict], fit: dict | None, png: Path, svg: Path,
                title: str) -> tuple[int, list[str]]:
     """The sweep's figure; returns (run markers drawn, plotting warnings)."""
-    from engram_cli import plotting
 
     done = _finished(runs)
     seeds = sorted({r["seed"] for r in done})
@@ -149,9 +151,6 @@ def plot_sweep(kind: str, runs: list[dict], points: list[dict], fit: dict | None
 def plot_curves(runs: list[dict], png: Path, title: str) -> list[str]:
     """Every run's training (left) and validation (right) loss against tokens: one colour per
     point, one line style per seed."""
-    from engram_cli import plotting
-    from engram_cli.train.curves import draw_losses
-    from engram_cli.train.run import METRICS_FILE, read_metrics
 
     names = list(dict.fromkeys(r["point"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})

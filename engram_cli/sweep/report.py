@@ -11,19 +11,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engram_cli.artifacts import (
+from engram_cli.core.artifacts import (
     MANIFEST,
     artifact_format,
     atomic_write_json,
     check_output_dir,
     check_output_path,
+    check_schema,
     holds_output_lock,
     manifest_header,
+    read_json,
     sha256_file,
     swap_in,
 )
-from engram_cli.errors import ArtifactError, ConfigError, EngramError, InputError, Interrupted
-from engram_cli.progress import ProgressFn, report
+from engram_cli.core.errors import ArtifactError, ConfigError, EngramError, InputError, Interrupted
+from engram_cli.core.progress import ProgressFn, report
+from engram_cli.corpus.spec import resolve_sources
+from engram_cli.model.budget import allocate
 from engram_cli.sweep import runner as R
 from engram_cli.sweep.config import (
     CURVES_PNG,
@@ -43,6 +47,9 @@ from engram_cli.sweep.config import (
 )
 from engram_cli.sweep.plots import plot_curves, plot_sweep
 from engram_cli.sweep.summary import point_rows, power_law_fit, run_rows, write_tables
+from engram_cli.tables.build import load_tables
+from engram_cli.train import TrainConfig, load_settings, template_plan
+from engram_cli.train.run import check_log
 
 TITLES = {"allocation": "Validation loss against the allocation ratio ρ (equal total and activated parameters)",
           "memory": "Validation loss against the Engram table size (the backbone fixed)",
@@ -87,7 +94,7 @@ def sweep(config: SweepConfig, progress: ProgressFn | None = None) -> SweepResul
     _check_points(config, specs, settings)
     final_out = Path(config.out)
     config, previous = _open_sweep_dir(config, identity)  # with --force: a sibling until it is complete
-    evaluated, warnings = _can_evaluate(config)
+    evaluated, warnings = config.evaluate, []
     manifest = _Manifest(config, identity, points, specs)
     jobs = [_job(config, spec, settings[spec.name], previous, evaluated) for spec in specs]
     records: dict[str, dict] = {}
@@ -150,7 +157,6 @@ def _run(config: SweepConfig, work: list[R.Job], threads: int, progress: Progres
 
 def _settings(config: SweepConfig, specs: list[RunSpec]):
     """The base settings (the sweep's own --set) and every run's (its point's --set and seed)."""
-    from engram_cli.train import load_settings
 
     base = load_settings(config.config, config.overrides)
     settings = {}
@@ -165,11 +171,6 @@ def _settings(config: SweepConfig, specs: list[RunSpec]):
 def _check_points(config: SweepConfig, specs: list[RunSpec], settings: dict) -> None:
     """Every point's table plan and model must be possible (as ``engram train`` checks them
     before reading the corpus): one ConfigError naming the point."""
-    from engram_cli.budget import allocate
-    from engram_cli.corpus import resolve_sources
-    from engram_cli.tables import load_tables
-    from engram_cli.train import template_plan
-    from engram_cli.train.run import check_log
 
     if not config.sources:
         raise InputError("no corpus given", "pass the corpus files or directories every run trains on")
@@ -245,25 +246,13 @@ def _open_sweep_dir(config: SweepConfig, identity: dict) -> tuple[SweepConfig, d
 
 def _read_previous(out: Path) -> dict:
     """The manifest of the sweep in ``out`` (finished or not): its identity and the runs' records."""
-    from engram_cli.artifacts import check_schema, read_json
 
     doc = read_json(out / MANIFEST, what="sweep manifest", producer="engram sweep")
     return check_schema(doc, f"{out}/{MANIFEST}", {"config": dict, "runs": dict},
                         "start the sweep over with --force")
 
 
-def _can_evaluate(config: SweepConfig) -> tuple[bool, list[str]]:
-    if not config.evaluate:
-        return False, []
-    try:
-        import engram_cli.eval  # noqa: F401
-    except ImportError:
-        return False, ["`engram eval` is not available here: bits per byte and bucket losses are left out"]
-    return True, []
-
-
 def _job(config: SweepConfig, spec: RunSpec, settings, previous: dict | None, evaluated: bool) -> R.Job:
-    from engram_cli.train import TrainConfig
 
     run_dir = Path(config.out) / RUNS_DIR / spec.name
     action = R.run_state(run_dir)

@@ -32,10 +32,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from engram_cli.artifacts import MANIFEST
-from engram_cli.errors import ArtifactError, EngramError, Interrupted, TrainingError
-from engram_cli.progress import ProgressFn
-from engram_cli.train import SECTIONS, PlanSettings, TrainConfig, train
+import engram_cli
+import engram_cli.errors as errors
+from engram_cli.core.artifacts import MANIFEST
+from engram_cli.core.errors import ArtifactError, EngramError, Interrupted, TrainingError
+from engram_cli.core.progress import ProgressFn
+from engram_cli.eval import EvalConfig, evaluate
+from engram_cli.train import SECTIONS, PlanSettings, Settings, TrainConfig, train
+from engram_cli.train.checkpoint import latest_step
+from engram_cli.train.distributed import resolve_device
 
 NEW, FINISHED, FAILED, RESUME, RESTART = "new", "finished", "failed", "resume", "restart"
 
@@ -68,7 +73,6 @@ def read_run_manifest(run_dir: Path) -> dict | None:
 
 def run_state(run_dir: Path) -> str:
     """What ``run_dir`` needs: NEW, FINISHED, FAILED, RESUME or RESTART (module docstring)."""
-    from engram_cli.checkpoint import latest_step
 
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return NEW
@@ -107,8 +111,6 @@ def run_record(job: Job) -> dict[str, Any]:
 def eval_record(job: Job, progress: ProgressFn | None) -> dict[str, Any]:
     """The run scored on its held-out split by ``engram eval``'s library: loss, bits per byte and
     the loss by training count of the target's n-gram."""
-    from engram_cli.eval import EvalConfig, evaluate
-    from engram_cli.train.distributed import resolve_device
 
     device = str(resolve_device(job.train.device)).split(":")[0]
     r = evaluate(EvalConfig(runs=[job.run_dir], max_windows=job.eval_windows, device=device), progress).runs[0]
@@ -170,7 +172,6 @@ def job_to_json(job: Job) -> str:
 
 
 def job_from_json(text: str) -> Job:
-    from engram_cli.train import Settings
 
     d = json.loads(text)
     t = d.pop("train")
@@ -204,7 +205,6 @@ class ParallelRuns:
             raise
 
     def _start(self, job: Job) -> None:
-        import engram_cli
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(Path(engram_cli.__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -247,7 +247,6 @@ class ParallelRuns:
         elif kind == "interrupted":
             raise Interrupted(signal.SIGTERM, msg["message"], msg["hint"])
         elif kind == "error":
-            import engram_cli.errors as errors
 
             raise getattr(errors, msg["type"], EngramError)(msg["message"], msg["hint"])
         else:

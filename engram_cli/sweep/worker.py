@@ -15,6 +15,9 @@ import os
 import signal
 import sys
 
+from engram_cli.core.errors import EngramError, Interrupted
+from engram_cli.sweep.runner import execute, job_from_json
+
 
 def main() -> None:
     messages = os.fdopen(os.dup(1), "w", encoding="utf-8")
@@ -25,7 +28,6 @@ def main() -> None:
         messages.write(json.dumps({"kind": kind, **fields}, default=str) + "\n")
         messages.flush()
 
-    from engram_cli.errors import EngramError, Interrupted
 
     def stop(signum, frame):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -37,7 +39,6 @@ def main() -> None:
     try:
         import torch
 
-        from engram_cli.sweep.runner import execute, job_from_json
 
         torch.set_num_threads(int(sys.argv[1]))
         job = job_from_json(sys.stdin.readline())

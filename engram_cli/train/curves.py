@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engram_cli.core import plotting
 from engram_cli.train.run import METRICS_FILE, read_metrics
 
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -30,7 +31,6 @@ def draw_losses(ax_train, ax_val, rows: list[dict], *, color: str, label: str | 
 
 def write_loss_curve(run_dir: Path, *, title: str) -> list[str]:
     """``run_dir/loss_curve.png`` from ``run_dir/metrics.jsonl``; returns the plotting warnings."""
-    from engram_cli import plotting
 
     rows, _ = read_metrics(Path(run_dir) / METRICS_FILE)
     with plotting.figure(4.2, 2.8) as (fig, warnings):

@@ -13,7 +13,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from engram_cli.errors import ConfigError
+from engram_cli.core.errors import ConfigError
 
 
 @dataclass

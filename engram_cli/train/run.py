@@ -23,17 +23,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from engram_cli.artifacts import (
+from engram_cli.core.artifacts import (
     MANIFEST,
+    atomic_write_bytes,
     atomic_write_json,
     check_output_dir,
     check_output_path,
     manifest_header,
     sha256_file,
 )
-from engram_cli.errors import ArtifactError, ConfigError
-from engram_cli.hashing import PLAN_FILE
-from engram_cli.runs import CONFIG_FILE, CONFIG_FORMAT, RUN_FORMAT, plan_fingerprint
+from engram_cli.core.errors import ArtifactError, ConfigError
+from engram_cli.tables.plan import PLAN_FILE
+from engram_cli.train import checkpoint as ckpt_mod
+from engram_cli.train.runs import CONFIG_FILE, CONFIG_FORMAT, RUN_FORMAT, plan_fingerprint
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -68,7 +70,6 @@ def open_out(out: Path, *, resume: bool, config_doc: dict, plan=None) -> Path:
     first checkpoint, so a new run that fails, is interrupted or killed before it has anything
     to resume from leaves the previous run as it was.
     """
-    from engram_cli import checkpoint as ckpt_mod
 
     work = out
     if not resume and out.exists() and any(out.iterdir()):
@@ -186,7 +187,6 @@ def read_metrics(path: Path, until: int | None = None) -> tuple[list[dict], int]
 
 
 def atomic_write_json_lines(path: Path, rows: list[dict]) -> None:
-    from engram_cli.artifacts import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 

@@ -23,11 +23,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engram_cli.errors import ConfigError, InputError
-from engram_cli.model import ModelConfig
-
-if typing.TYPE_CHECKING:
-    from engram_cli.corpus import CorpusSpec
+from engram_cli.core.errors import ConfigError, InputError
+from engram_cli.corpus.spec import CorpusSpec
+from engram_cli.model.config import LEGACY_MODEL_DEFAULTS, ModelConfig
 
 
 def toml_module() -> types.ModuleType:
@@ -105,7 +103,6 @@ class DataSettings:
 
     def corpus_spec(self, sources: list[str]) -> CorpusSpec:
         """What to read of ``sources`` with this section's reading options (CorpusSpec validates them)."""
-        from engram_cli.corpus import CorpusSpec
 
         return CorpusSpec(sources=list(sources), text_column=self.text_column, doc_mode=self.doc_mode,
                           max_tokens=self.max_tokens)
@@ -278,7 +275,6 @@ def load_settings(path: str | os.PathLike | None = None, overrides: list[str] | 
         path = Path(path)
         doc = _read_config_file(path)
         if path.suffix == ".json" and isinstance(doc.get("model"), dict):  # a run's config.json
-            from engram_cli.model import LEGACY_MODEL_DEFAULTS
 
             doc["model"] = {**LEGACY_MODEL_DEFAULTS, **doc["model"]}
         for section, body in doc.items():

@@ -25,10 +25,22 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import MANIFEST, output_lock, sha256_file, swap_in
-from engram_cli.errors import ArtifactError, ConfigError, InputError, Interrupted, TrainingError
-from engram_cli.progress import ProgressFn, report
+from engram_cli.core.artifacts import MANIFEST, output_lock, sha256_file, swap_in
+from engram_cli.core.errors import ArtifactError, ConfigError, InputError, Interrupted, TrainingError
+from engram_cli.core.progress import ProgressFn, report
+from engram_cli.corpus.cache import default_cache_dir, load_or_build_token_cache
+from engram_cli.corpus.stream import corpus_fingerprint
+from engram_cli.model.budget import allocate, check_train_memory
+from engram_cli.model.config import ModelConfig
+from engram_cli.model.transformer import EngramModel, param_counts
+from engram_cli.tables.boundary import check_run_boundary
+from engram_cli.tables.build import load_tables
+from engram_cli.tables.plan import replan
+from engram_cli.train import checkpoint as ckpt_mod
 from engram_cli.train import distributed as dist_mod
+from engram_cli.train.checkpoint import latest_step
+from engram_cli.train.curves import write_loss_curve
+from engram_cli.train.data import Batches, SubVocab, prepare_data
 from engram_cli.train.distributed import Dist, autocast, barrier, init_distributed, resolve_device
 from engram_cli.train.optim import apply_schedule, make_optimizers
 from engram_cli.train.run import (
@@ -43,7 +55,9 @@ from engram_cli.train.run import (
     plan_record,
     prepare_out,
 )
+from engram_cli.train.runs import load_run
 from engram_cli.train.settings import Settings, check_resume_settings, load_settings
+from engram_cli.vocab.tokenizer import find_eos_id, load_tokenizer
 
 
 @dataclass
@@ -153,7 +167,6 @@ def _resumed_run_request(config: TrainConfig, out: Path):
     (``--set`` may change only RESUME_MUTABLE keys), and its latest checkpoint, read through the
     one run loader (``engram_cli.runs.load_run``: manifest, config, checkpoint files and hashes,
     the checkpoint belongs to this run, tokenizer and vocab fingerprints)."""
-    from engram_cli.runs import load_run
 
     loaded = load_run(out, with_model=False, vocab_dir=config.vocab)
     saved, ckpt = loaded.config, loaded.checkpoint
@@ -190,7 +203,6 @@ def template_plan(tables_plan, settings: Settings, allocation: float | None):
     if allocation is not None and sized:
         raise ConfigError(f"--allocation sizes the tables itself; plan.{sized[0]} cannot be set with it",
                           f"drop plan.{sized[0]}, or drop --allocation")
-    from engram_cli.hashing import replan
 
     return replan(tables_plan, **changes)
 
@@ -249,11 +261,6 @@ class Trainer:
 
     def _load_inputs(self) -> None:
         """The tables (plan, vocab), the tokenizer and the corpus spec, cross-checked."""
-        from engram_cli.boundary import check_run_boundary
-        from engram_cli.budget import allocate
-        from engram_cli.corpus import corpus_fingerprint
-        from engram_cli.tables import load_tables
-        from engram_cli.tokenizer import load_tokenizer
 
         config, mc = self.config, self.settings.model
         self.tables = tables = load_tables(config.tables, config.vocab)
@@ -283,7 +290,6 @@ class Trainer:
     def _load_data(self) -> None:
         """The token stream (rank 0 tokenizes on a cache miss, the others wait and read it), the
         held-out split and the sub-vocabulary (the checkpoint's on resume)."""
-        from engram_cli.data import SubVocab, default_cache_dir, find_eos_id, load_or_build_token_cache, prepare_data
 
         ds, d = self.ds, self.d
         eos_id = find_eos_id(self.tok.tokenizer, ds.eos_token)
@@ -305,9 +311,6 @@ class Trainer:
         the seeded model and its parameter budget."""
         import torch
 
-        from engram_cli.budget import allocate, check_train_memory
-        from engram_cli.data import Batches
-        from engram_cli.model import EngramModel, param_counts
 
         config, ts, d = self.config, self.ts, self.d
         base = dataclasses.replace(self.settings.model, vocab_size=self.data.subvocab.size)
@@ -341,7 +344,6 @@ class Trainer:
                              "subvocab": self.data.subvocab.fingerprint}
         if self.resumed is not None:
             _check_fingerprints(self.resumed.state.get("fingerprints", {}), self.fingerprints, self.resumed.path)
-            from engram_cli.model import ModelConfig
 
             if ModelConfig.from_dict(self.resumed.state.get("model_config", {})) != self.model_config:
                 raise ArtifactError(f"checkpoint {self.resumed.path} holds another model configuration than this run's",
@@ -542,7 +544,6 @@ class Trainer:
     def save(self, step: int, last_metrics: dict) -> Path | None:
         """An atomic checkpoint of everything needed to continue bit for bit (rank 0 writes;
         every rank waits for it). Returns its path on rank 0."""
-        from engram_cli import checkpoint as ckpt_mod
 
         path = None
         if self.d.main:
@@ -583,7 +584,6 @@ class Trainer:
             world_size=d.world_size, checkpoint=self.last_ckpt_path, rank=d.rank, rank_checksums=checksums,
             warnings=list(self.warnings))
         if d.main:  # the picture of the whole run (resumed parts included), before the manifest lists it
-            from engram_cli.train.curves import write_loss_curve
 
             result.warnings += write_loss_curve(self.work, title=f"{self.out.name}: loss during training")
         summary = {k: v for k, v in result.to_dict().items() if k not in ("out", "budget", "plan", "rank")}
@@ -599,6 +599,5 @@ class Trainer:
 
 
 def _latest_step(out: Path) -> int | None:
-    from engram_cli.checkpoint import latest_step
 
     return latest_step(out)

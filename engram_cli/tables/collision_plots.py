@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli import plotting
-from engram_cli.collisions import _check_inputs, slot_load_hist
-from engram_cli.hashing import TablePlan
+from engram_cli.core import plotting
+from engram_cli.tables.collisions import _check_inputs, slot_load_hist
+from engram_cli.tables.plan import TablePlan
 
 _FONT_SIZE = 9.0  # these figures are wider than the gate pictures: a larger font keeps them readable
 

@@ -34,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.errors import InputError
-from engram_cli.hash_kernels import _available_cpus
-from engram_cli.hashing import TablePlan, hash_ngrams, make_primes
-from engram_cli.progress import ProgressFn, report
-from engram_cli.sizing import (
+from engram_cli.core.errors import InputError
+from engram_cli.core.progress import ProgressFn, report
+from engram_cli.tables.hashing import hash_ngrams
+from engram_cli.tables.kernels import available_cpus
+from engram_cli.tables.plan import TablePlan, make_primes
+from engram_cli.tables.sizing import (
     expected_colliding_share,
     expected_indistinguishable_share,
     expected_max_load,
@@ -450,7 +451,7 @@ def _measure(ngrams_by_order, counts_by_order, plan: TablePlan, progress: Progre
     hists: dict[int, np.ndarray] = {}
     keys_max = max((np.shape(ngrams_by_order[n])[0] for n in orders), default=0)
     # threads pay off from about a million keys; below, starting them costs more than they save
-    threads = max(1, min(plan.n_head_per_ngram, num_threads or _available_cpus())) if keys_max >= _THREAD_KEYS else 1
+    threads = max(1, min(plan.n_head_per_ngram, num_threads or available_cpus())) if keys_max >= _THREAD_KEYS else 1
     progress("collisions", 0, total)
     with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
         for layer in plan.layer_ids:

@@ -1,6 +1,6 @@
 """DeepSeekMoE-style mixture of experts: SwiGLU experts, a top-k router, the load-balancing loss.
 
-The MoE feed-forward layer of the model in ``engram_cli.model`` (DeepSeekMoE, arXiv 2401.06066):
+The MoE feed-forward layer of the model in ``engram_cli.model.transformer`` (DeepSeekMoE, arXiv 2401.06066):
 routed SwiGLU experts chosen per token by a softmax router (top-k), plus always-active shared
 experts. As in mistral-inference / OLMoE: the router returns (scores, top-k weights, top-k
 indices), the experts are a separate module, and the load-balancing loss is a pure function of
@@ -11,15 +11,11 @@ Shapes: N tokens, C model width, E experts, k experts per token.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from engram_cli.model import ModelConfig
-
+from engram_cli.model.config import ModelConfig
 
 
 class SwiGLU(nn.Module):

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import artifact_dir, holds_output_lock, read_manifest
-from engram_cli.errors import ArtifactError, InputError
-from engram_cli.progress import ProgressFn, report
-from engram_cli.tokenizer import DEFAULT_TOKENIZER, LoadedTokenizer, load_tokenizer
+from engram_cli.core.artifacts import artifact_dir, check_output_dir, holds_output_lock, read_manifest
+from engram_cli.core.errors import ArtifactError, InputError
+from engram_cli.core.progress import ProgressFn, report
+from engram_cli.vocab.tokenizer import DEFAULT_TOKENIZER, LoadedTokenizer, load_tokenizer
 
 VOCAB_MAP_FILE = "vocab_map.npy"
 CANONICAL_FILE = "canonical_vocab.parquet"
@@ -351,7 +351,6 @@ def step_ablation(texts, raw, steps: NormalizeSteps, original: int) -> list[Step
 def normalize_vocab(config: NormalizeVocabConfig, progress: ProgressFn | None = None) -> NormalizeVocabResult:
     """Canonicalize a tokenizer's vocabulary and write an ``engram.vocab`` artifact."""
     progress = report(progress)
-    from engram_cli.artifacts import check_output_dir
 
     check_output_dir(config.out, config.force, "engram.vocab")  # fail before the expensive part
     tok = load_tokenizer(config.tokenizer)

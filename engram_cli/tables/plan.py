@@ -1,29 +1,22 @@
-"""The Engram table plan and the N-gram hash (the one implementation the model and build-tables use).
+"""The Engram table plan: the layers, N-gram orders and hash heads, the multipliers and the prime
+table sizes, made (:func:`make_plan`), re-made (:func:`replan`) and read back from its JSON file
+(every field checked). :mod:`engram_cli.tables.hashing` hashes token ids with a plan.
 
-Engram (DeepSeek, "Conditional Memory via Scalable Lookup", arXiv 2601.07372, Section 2.2) gives
-every Engram layer one embedding table per (N-gram order, hash head). At position t the suffix
-N-gram of order n (the canonical ids of tokens t-n+1 .. t) is mixed into one 64-bit integer and
-each head reduces that integer modulo its own prime table size. Different primes per head make
-two N-grams that collide in one head unlikely to collide in the others.
-
-Everything here follows the reference Engram implementation bit for bit, so a plan made here
-addresses the same slots as DeepSeek's code for the same vocabulary and settings:
+Everything here follows the reference Engram implementation (DeepSeek, "Conditional Memory via
+Scalable Lookup", arXiv 2601.07372, Section 2.2) bit for bit, so a plan made here addresses the
+same slots as DeepSeek's code for the same vocabulary and settings:
 
 * multipliers: per layer L, ``np.random.default_rng(seed + 10007 * L)`` draws ``max_n`` int64
   values r in [0, half_bound) with ``half_bound = max(1, (2**63 - 1) // V // 2)``; the layer's
   multipliers are ``2 r + 1`` (odd, and small enough that ``id * m`` never overflows for a valid
   canonical id);
 * prime sizes: layer by layer, order by order, each head takes the smallest prime above the
-  previous head's prime (the first head: above target - 1) that no head of the plan has taken yet;
-* hash: ``mix_n(t) = XOR_k (id[t-k] * m_k)`` for k = 0..n-1 in wrap-around int64, positions before
-  the start of a sequence read the canonical pad id; head j's slot is ``mix_n(t) mod p_j`` in
-  [0, p_j) (floor modulo). Heads are laid out order 2 first, then order 3, ...
+  previous head's prime (the first head: above target - 1) that no head of the plan has taken yet.
 
-The fast NumPy path (``_hash_numpy``) works on cache-sized chunks of the flattened token stream,
-writes straight into the preallocated output and replaces NumPy's slow 64-bit ``%`` (a scalar
-division loop) by ``x - (x // p) * p``, whose ``//`` by a scalar is vectorized by NumPy; both are
-exact integer arithmetic, so no exactness argument is needed. ``benchmarks/bench_hashing.py``
-compares it with a plain transcription of the reference; ``docs/hashing.md`` has the figures.
+Reading a plan's JSON checks every field before a :class:`TablePlan` is made from it (format and
+version, keys, integer ranges, the boundary fields, one odd multiplier per position, distinct primes
+at least the targets); everything wrong raises one ArtifactError that names the file and says how
+to recreate it.
 """
 
 from __future__ import annotations
@@ -34,15 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import atomic_write_json
-from engram_cli.boundary import (
-    BOUNDARY_RULES,
-    DEFAULT_BOUNDARY,
-    document_mask_reference,
-    restart_after_separators,
-)
-from engram_cli.errors import ConfigError, InputError
-from engram_cli.hash_kernels import _hash_array, _hash_torch
+from engram_cli.core.artifacts import atomic_write_json, read_json
+from engram_cli.core.errors import ArtifactError, ConfigError
+from engram_cli.tables.boundary import BOUNDARY_RULES, DEFAULT_BOUNDARY
 
 PLAN_FORMAT = "engram.table_plan"
 PLAN_FILE = "table_plan.json"  # the plan's file name in a tables artifact, a run and a checkpoint
@@ -219,7 +206,7 @@ class TablePlan:
         """Heads per layer over all orders: the last dim of :func:`hash_ngrams`'s output."""
         return self.n_orders * self.n_head_per_ngram
 
-    def _layer(self, layer_id: int) -> int:
+    def layer_index(self, layer_id: int) -> int:
         if layer_id not in self.primes:
             raise ConfigError(f"layer {layer_id} has no Engram table in this plan "
                               f"(Engram layers: {', '.join(map(str, self.layer_ids))})")
@@ -227,7 +214,7 @@ class TablePlan:
 
     def head_sizes(self, layer_id: int) -> list[int]:
         """Prime sizes of the layer's heads, flat in output order (order 2's heads first)."""
-        return [p for order in self.primes[self._layer(layer_id)] for p in order]
+        return [p for order in self.primes[self.layer_index(layer_id)] for p in order]
 
     def head_offsets(self, layer_id: int) -> list[int]:
         """Start row of each head in one concatenated table of the layer: [0, p0, p0+p1, ...]."""
@@ -274,8 +261,6 @@ class TablePlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TablePlan:
         """Rebuild a plan from :meth:`to_dict` output, checking everything (raises ArtifactError)."""
-        from engram_cli.plan_file import plan_from_dict
-
         return plan_from_dict(d)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -285,9 +270,6 @@ class TablePlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> TablePlan:
         """Read and validate a plan written by :meth:`save` (raises ArtifactError)."""
-        from engram_cli.artifacts import read_json
-        from engram_cli.plan_file import plan_from_dict
-
         d = read_json(path, what="table plan", producer="engram build-tables")
         return plan_from_dict(d, source=str(path))
 
@@ -413,98 +395,131 @@ def replan(template: TablePlan, *, n_head_per_ngram: int | None = None, max_ngra
 
 
 # -----------------------------------------------------------------------------
-# hashing
+# the plan file
+_PLAN_KEYS = ("format", "format_version", "seed", "max_ngram_size", "n_head_per_ngram", "layer_ids",
+              "pad_id", "canonical_pad_id", "canonical_vocab_size", "original_vocab_size",
+              "target_sizes", "embed_dim_per_head", "multipliers", "primes")
 
 
-def hash_ngrams(canonical_ids: Any, plan: TablePlan, layer_id: int, *,
-                num_threads: int | None = None) -> Any:
-    """Slot of every suffix N-gram in every head of one Engram layer.
-
-    canonical_ids: canonical token ids, [B, T] (B sequences) or [T] (one sequence), as a NumPy
-        integer array or a torch integer tensor on any device. Each row is a sequence: positions
-        before its start read ``plan.canonical_pad_id``; under the plan's ``document`` boundary
-        rule so do positions before the start of a document (after a separator; see
-        ``engram_cli.boundary``). Ids are not range-checked; ids outside
-        [0, V) are hashed with the same wrap-around int64 arithmetic as the reference.
-    layer_id: one of ``plan.layer_ids`` (each layer has its own multipliers and primes).
-    num_threads: worker threads of the NumPy path (None: up to 4, one per 2 chunks of 32768
-        tokens, never more than the CPUs available; 1: hash in the calling thread).
-
-    Returns int64 slots of shape ``canonical_ids.shape + (plan.total_heads,)``, the same kind as
-    the input (NumPy array, or torch tensor on the input's device). Head h's slot is in
-    [0, head_sizes(layer_id)[h]); add ``head_offsets`` to index one concatenated table.
-    """
-    mults = plan.multipliers[plan._layer(layer_id)]
-    primes = plan.primes[layer_id]
-    if _is_torch(canonical_ids):
-        import torch
-
-        x = canonical_ids
-        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-            raise InputError(f"token ids must be integers, got a {x.dtype} tensor")
-        if x.dim() not in (1, 2):
-            raise InputError(f"token ids must be [T] or [B, T], got shape {tuple(x.shape)}")
-        if x.device.type != "cpu":
-            sep = plan.canonical_separator_id if plan.restarts else None
-            return _hash_torch(x.long(), mults, primes, plan.canonical_pad_id, sep)
-        return torch.from_numpy(_hash_numpy_ids(x.detach().long().numpy(), plan, mults, primes, num_threads))
-    x = np.asarray(canonical_ids)
-    if x.dtype.kind not in "iu":
-        raise InputError(f"token ids must be integers, got dtype {x.dtype}")
-    if x.ndim not in (1, 2):
-        raise InputError(f"token ids must be [T] or [B, T], got shape {x.shape}")
-    return _hash_numpy_ids(x, plan, mults, primes, num_threads)
+_BOUNDARY_KEYS = ("boundary", "separator_id", "canonical_separator_id")
 
 
-def _hash_numpy_ids(x: np.ndarray, plan: TablePlan, mults, primes, num_threads: int | None) -> np.ndarray:
-    """The NumPy path: the fast kernel, then (document rule) every document restarted."""
-    out = _hash_array(x, mults, primes, plan.canonical_pad_id, num_threads)
-    if plan.restarts and x.size:
-        ids2 = x.reshape(1, -1) if x.ndim == 1 else x
-        restart_after_separators(ids2, out.reshape(*ids2.shape, -1), plan.canonical_separator_id,
-                                 plan.max_ngram_size - 1,
-                                 lambda w: _hash_array(w, mults, primes, plan.canonical_pad_id, 1))
-    return out
+class _PlanDoc:
+    """Reads a plan's JSON dict, every check raising one ArtifactError that names the file."""
+
+    def __init__(self, d: Any, source: str):
+        self.d, self.source = d, source
+
+    def bad(self, msg: str) -> ArtifactError:
+        return ArtifactError(f"{self.source}: {msg}", "recreate it with `engram build-tables --force`")
+
+    @staticmethod
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def int_list(self, v: Any, what: str) -> list[int]:
+        if not isinstance(v, list) or not all(self.is_int(x) for x in v):
+            raise self.bad(f"{what} must be a list of integers")
+        return v
+
+    def header(self) -> tuple[list[int], list[int], bool]:
+        """Format, keys, scalar fields; returns (layer ids, target sizes, single_row)."""
+        d, bad = self.d, self.bad
+        if not isinstance(d, dict):
+            raise bad("expected a JSON object")
+        if "preset" in d and not isinstance(d["preset"], str):
+            raise bad(f"preset must be a name, got {d['preset']!r}")
+        single_row = d.get("single_row", False)
+        if single_row is not False and single_row is not True:
+            raise bad(f"single_row must be true or false, got {single_row!r}")
+        if d.get("format") != PLAN_FORMAT:
+            raise bad(f"format is {d.get('format')!r}, expected {PLAN_FORMAT!r}")
+        if d.get("format_version") != PLAN_VERSION:
+            raise bad(f"format version {d.get('format_version')!r}, this engram reads {PLAN_VERSION}")
+        missing = [k for k in _PLAN_KEYS if k not in d]
+        if missing:
+            raise bad(f"missing keys: {', '.join(missing)}")
+        unknown = sorted(set(d) - set(_PLAN_KEYS) - {"preset", "single_row", *_BOUNDARY_KEYS})
+        if unknown:
+            raise bad(f"unknown keys: {', '.join(unknown)}")
+        for k in ("seed", "max_ngram_size", "n_head_per_ngram", "pad_id", "canonical_pad_id",
+                  "canonical_vocab_size", "original_vocab_size", "embed_dim_per_head"):
+            if not self.is_int(d[k]):
+                raise bad(f"{k} must be an integer, got {d[k]!r}")
+        max_n, vsize = d["max_ngram_size"], d["canonical_vocab_size"]
+        if max_n < 2 or d["n_head_per_ngram"] < 1 or vsize < 1 or d["original_vocab_size"] < 1 \
+                or d["embed_dim_per_head"] < 1:
+            raise bad("max_ngram_size >= 2, n_head_per_ngram, vocabulary sizes and embed_dim_per_head >= 1 required")
+        if not 0 <= d["canonical_pad_id"] < vsize:
+            raise bad(f"canonical_pad_id {d['canonical_pad_id']} is outside [0, {vsize})")
+        self.check_boundary()
+        layers = self.int_list(d["layer_ids"], "layer_ids")
+        if not layers or len(set(layers)) != len(layers):
+            raise bad("layer_ids must be a non-empty list of distinct integers")
+        targets = self.int_list(d["target_sizes"], "target_sizes")
+        if len(targets) != max_n - 1 or any(t < 1 for t in targets):
+            raise bad(f"target_sizes must hold {max_n - 1} positive integers (one per order)")
+        if single_row and any(t != 1 for t in targets):
+            raise bad("a single_row plan has target size 1 for every order")
+        for k in ("multipliers", "primes"):
+            if not isinstance(d[k], dict) or sorted(d[k]) != sorted(str(x) for x in layers):
+                raise bad(f"{k} must have one entry per layer id {layers}")
+        return layers, targets, single_row
+
+    def check_boundary(self) -> None:
+        """The boundary fields: all three or none (a plan from before the rule)."""
+        d, bad = self.d, self.bad
+        present = [k for k in _BOUNDARY_KEYS if k in d]
+        if not present:
+            return
+        if len(present) != len(_BOUNDARY_KEYS):
+            raise bad(f"boundary fields {', '.join(_BOUNDARY_KEYS)} must be given together")
+        if d["boundary"] not in BOUNDARY_RULES:
+            raise bad(f"boundary {d['boundary']!r} is not one of {', '.join(BOUNDARY_RULES)}")
+        for k, size in (("separator_id", d["original_vocab_size"]), ("canonical_separator_id", d["canonical_vocab_size"])):
+            if not self.is_int(d[k]) or not 0 <= d[k] < size:
+                raise bad(f"{k} must be an id in [0, {size}), got {d[k]!r}")
+
+    def layer(self, layer: int, targets: list[int], single_row: bool, seen: set[int]):
+        """One layer's multipliers and head sizes (distinct primes >= the targets; 1 if single_row)."""
+        d, bad, max_n, heads = self.d, self.bad, self.d["max_ngram_size"], self.d["n_head_per_ngram"]
+        m = self.int_list(d["multipliers"][str(layer)], f"multipliers of layer {layer}")
+        if len(m) != max_n or any(x <= 0 or x % 2 == 0 or x > MAX_LONG for x in m):
+            raise bad(f"multipliers of layer {layer} must be {max_n} odd positive int64 values")
+        orders = d["primes"][str(layer)]
+        if not isinstance(orders, list) or len(orders) != max_n - 1:
+            raise bad(f"primes of layer {layer} must hold {max_n - 1} lists (one per order)")
+        per_order = []
+        for n, (order, target) in enumerate(zip(orders, targets), start=2):
+            ps = self.int_list(order, f"primes of layer {layer}, order {n}")
+            if len(ps) != heads:
+                raise bad(f"layer {layer}, order {n} has {len(ps)} head sizes, expected {heads}")
+            for p in ps:
+                if single_row:
+                    if p != 1:
+                        raise bad(f"head size {p} (layer {layer}, order {n}) of a single_row plan is not 1")
+                    continue
+                if p < target or p > MAX_LONG or not is_prime(p):
+                    raise bad(f"head size {p} (layer {layer}, order {n}) is not a prime >= target {target}")
+                if p in seen:
+                    raise bad(f"head size {p} is used twice; every head needs its own prime")
+                seen.add(p)
+            per_order.append(tuple(ps))
+        return tuple(m), tuple(per_order)
 
 
-def hash_ngrams_reference(canonical_ids: np.ndarray, plan: TablePlan, layer_id: int) -> np.ndarray:
-    """The plain reference of :func:`hash_ngrams`: the reference algorithm written the obvious way.
+def plan_from_dict(d: Any, source: str = "table plan") -> TablePlan:
+    """A :class:`TablePlan` from its JSON dict, every field checked (one ArtifactError naming ``source``)."""
+    doc = _PlanDoc(d, source)
+    layers, targets, single_row = doc.header()
+    seen: set[int] = set()
+    tables = {layer: doc.layer(layer, targets, single_row, seen) for layer in layers}
+    return TablePlan(seed=d["seed"], max_ngram_size=d["max_ngram_size"], n_head_per_ngram=d["n_head_per_ngram"],
+                     layer_ids=tuple(layers), pad_id=d["pad_id"], canonical_pad_id=d["canonical_pad_id"],
+                     canonical_vocab_size=d["canonical_vocab_size"], original_vocab_size=d["original_vocab_size"],
+                     target_sizes=tuple(targets), multipliers={k: v[0] for k, v in tables.items()},
+                     primes={k: v[1] for k, v in tables.items()}, embed_dim_per_head=d["embed_dim_per_head"],
+                     preset=d["preset"] if isinstance(d.get("preset"), str) else None, single_row=single_row,
+                     boundary=d.get("boundary", DEFAULT_BOUNDARY), separator_id=d.get("separator_id"),
+                     canonical_separator_id=d.get("canonical_separator_id"))
 
-    Pad-shift the [B, T] ids right by k = 1..N-1 positions (filling with the canonical pad id),
-    XOR the id * multiplier products of each suffix n-gram, take ``%`` of every head's prime, and
-    stack the heads. Under the document rule (``plan.boundary``) an id before the start of the
-    position's document (after a separator) reads the pad id as well. Slow and memory-hungry (N-1 shifted copies), but easy to check line by line
-    against the reference; the tests and ``benchmarks/bench_hashing.py`` compare the fast path
-    with it bit for bit.
-    """
-    ids = np.asarray(canonical_ids, dtype=np.int64)
-    ids = ids.reshape(1, -1) if ids.ndim == 1 else ids
-    T = ids.shape[1]
-    mults = plan.multipliers[plan._layer(layer_id)]
-    shifted = [ids] + [np.pad(ids, ((0, 0), (k, 0)), constant_values=plan.canonical_pad_id)[:, :T]
-                       for k in range(1, plan.max_ngram_size)]
-    if plan.restarts:  # the document rule: ids before the document's start read the pad id too
-        shifted = [ids] + [np.where(document_mask_reference(ids, plan.canonical_separator_id, k), s,
-                                    plan.canonical_pad_id) for k, s in enumerate(shifted[1:], start=1)]
-    heads = []
-    for n in range(2, plan.max_ngram_size + 1):
-        mix = shifted[0] * np.int64(mults[0])
-        for k in range(1, n):
-            mix = np.bitwise_xor(mix, shifted[k] * np.int64(mults[k]))
-        heads += [mix % np.int64(p) for p in plan.primes[layer_id][n - 2]]
-    out = np.stack(heads, axis=2)                    # (B, T, H)
-    return out.reshape(*np.shape(canonical_ids), out.shape[2])
-
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "device")
-
-
-# -----------------------------------------------------------------------------
-# sizing helpers
-
-
-__all__ = [
-    "PLAN_FORMAT", "PLAN_VERSION", "TABLE_DTYPES", "TablePlan", "make_multipliers", "make_primes",
-    "make_plan", "hash_ngrams", "hash_ngrams_reference", "row_bytes", "PLAN_FILE",
-]

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from engram_cli.tables.boundary import torch_document_mask
+
 _CHUNK = 32768             # tokens per work chunk: amortizes ~60 NumPy calls; buffers stay in L3
 
 
@@ -25,7 +27,7 @@ def _wrap64(x: int) -> int:
     return ((x + 2**63) % 2**64) - 2**63
 
 
-def _hash_array(x: np.ndarray, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...],
+def hash_array(x: np.ndarray, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...],
                 pad: int, num_threads: int | None) -> np.ndarray:
     """NumPy entry: [T] or [B, T] integer ids -> [..., total_heads] int64 slots."""
     shape = x.shape
@@ -49,7 +51,7 @@ def _hash_numpy(flat: np.ndarray, T: int, mults: tuple[int, ...], primes: tuple[
     """
     n_chunks = -(-flat.shape[0] // _CHUNK)
     if num_threads is None:
-        num_threads = min(_MAX_AUTO_THREADS, _available_cpus(), n_chunks // 2)
+        num_threads = min(_MAX_AUTO_THREADS, available_cpus(), n_chunks // 2)
     num_threads = max(1, min(num_threads, n_chunks))
     next_chunk = itertools.count().__next__  # atomic under the GIL: threads never share a chunk
     if num_threads == 1:
@@ -62,7 +64,7 @@ def _hash_numpy(flat: np.ndarray, T: int, mults: tuple[int, ...], primes: tuple[
             f.result()
 
 
-def _available_cpus() -> int:
+def available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -120,14 +122,13 @@ def _hash_worker(flat: np.ndarray, T: int, mults: tuple[int, ...], primes: tuple
         np.copyto(out[s:e], slots[:, :n].T)               # (n, H): the one transposing copy
 
 
-def _hash_torch(x: Any, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...], pad: int,
+def hash_torch(x: Any, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ...], pad: int,
                 separator: int | None = None) -> Any:
     """Torch path (any device): same arithmetic in torch ops. x [T] or [B, T] int64. With a
     ``separator`` (the document rule) ids before a document's start read the pad id too."""
     import torch
     import torch.nn.functional as F
 
-    from engram_cli.boundary import torch_document_mask
 
     squeeze = x.dim() == 1
     x2 = x.unsqueeze(0) if squeeze else x                      # (B, T)

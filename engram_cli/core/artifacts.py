@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from engram_cli import __version__
-from engram_cli.errors import ArtifactError
+from engram_cli.core.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 

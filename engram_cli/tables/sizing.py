@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from engram_cli.errors import ConfigError
-from engram_cli.hashing import MAX_TARGET_SIZE, next_prime, row_bytes
+from engram_cli.core.errors import ConfigError
+from engram_cli.tables.plan import MAX_TARGET_SIZE, next_prime, row_bytes
 
 
 def expected_colliding_share(n_keys: int, n_slots: int) -> float:

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.collisions import hash_keys
-from engram_cli.hashing import TablePlan, row_bytes
-from engram_cli.progress import ProgressFn, report
+from engram_cli.core import plotting
+from engram_cli.core.progress import ProgressFn, report
+from engram_cli.tables.collisions import hash_keys
+from engram_cli.tables.plan import TablePlan, row_bytes
 
 #: the shares the report names the cache size for
 HEADLINE_SHARES = (0.5, 0.9, 0.99)
@@ -133,7 +134,6 @@ def cache_lines(curves: list[HotRowCurve], plan: TablePlan, dtype: str) -> list[
 
 def plot_hot_rows(curves: list[HotRowCurve], dtype: str, plan: TablePlan, path_png: str | os.PathLike) -> list[str]:
     """Lookup share served against cache size (log x), one line per layer; returns plot warnings."""
-    from engram_cli import plotting
 
     rb = row_bytes(dtype, plan.embed_dim_per_head)
     with plotting.figure(6.5, 4.0, font_size=8.0) as (fig, warnings):

@@ -18,8 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engram_cli.artifacts import sha256_bytes
-from engram_cli.errors import InputError
+from engram_cli.core.artifacts import sha256_bytes
+from engram_cli.core.errors import ConfigError, InputError
 
 DEFAULT_TOKENIZER = "deepseek"
 
@@ -102,3 +102,28 @@ def load_tokenizer(spec: str | os.PathLike | None = None) -> LoadedTokenizer:
                          "pass a Hugging Face tokenizers tokenizer.json file") from e
     return LoadedTokenizer(tokenizer=tok, source=str(path), fingerprint=sha256_bytes(data),
                            vocab_size=tok.get_vocab_size(with_added_tokens=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# the end-of-document token
+
+#: EOS token names tried, in order, when ``eos_token = "auto"``
+EOS_CANDIDATES = ("<｜end▁of▁sentence｜>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>",
+                  "<|im_end|>", "[SEP]")
+
+
+
+def find_eos_id(tokenizer, eos_token: str = "auto") -> int:
+    """The id of the document separator: ``eos_token`` itself, or the first known EOS name."""
+    names = EOS_CANDIDATES if eos_token == "auto" else (eos_token,)
+    for name in names:
+        i = tokenizer.token_to_id(name)
+        if i is not None:
+            return int(i)
+    if eos_token == "auto":
+        raise ConfigError("the tokenizer has none of the usual end-of-sequence tokens "
+                          f"({', '.join(EOS_CANDIDATES[:4])}, …)",
+                          "name its separator token: build-tables --eos-token '<|end|>', "
+                          "train --set data.eos_token='<|end|>'")
+    raise ConfigError(f"end-of-document token {eos_token!r} (build-tables --eos-token, train data.eos_token) "
+                      "is not a token of this tokenizer", "pass a token of its vocabulary, or `auto`")

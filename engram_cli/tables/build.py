@@ -31,22 +31,34 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import MANIFEST, artifact_dir, check_output_dir, holds_output_lock, read_manifest, sha256_file
-from engram_cli.corpus import CorpusSpec
-from engram_cli.errors import ArtifactError, ConfigError, InputError
-from engram_cli.hashing import PLAN_FILE, TablePlan, row_bytes
-from engram_cli.progress import ProgressFn, report
-from engram_cli.shards import check_shards, read_shard
-from engram_cli.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
-from engram_cli.vocab import VocabMap, load_vocab
-
-if TYPE_CHECKING:
-    from engram_cli.collisions import CollisionReport
-    from engram_cli.hotrows import HotRowCurve
+from engram_cli.core.artifacts import (
+    MANIFEST,
+    artifact_dir,
+    check_output_dir,
+    holds_output_lock,
+    read_manifest,
+    sha256_file,
+)
+from engram_cli.core.errors import ArtifactError, ConfigError, InputError
+from engram_cli.core.progress import ProgressFn, report
+from engram_cli.corpus.spec import CorpusSpec, CorpusStats
+from engram_cli.corpus.stream import corpus_fingerprint, empty_corpus_error, iter_tokenized
+from engram_cli.tables.boundary import Boundary, check_rule
+from engram_cli.tables.collision_plots import plot_slot_load_histogram, plot_sweep
+from engram_cli.tables.collisions import CollisionReport, measure_tables, sweep_collisions
+from engram_cli.tables.counting import NgramCounter, counter_sizes, merge_stats
+from engram_cli.tables.hotrows import HotRowCurve, cache_lines, hot_row_curves, plot_hot_rows
+from engram_cli.tables.plan import PLAN_FILE, TABLE_DTYPES, TablePlan, make_plan, row_bytes
+from engram_cli.tables.presets import PLAN_OPTIONS, check_published_rows, resolve_plan_options
+from engram_cli.tables.shards import check_shards, read_shard
+from engram_cli.tables.sizing import target_size_for_collision_rate, target_size_for_memory_budget
+from engram_cli.tables.stats import NgramStats
+from engram_cli.vocab.normalize import VocabMap, load_vocab
+from engram_cli.vocab.tokenizer import DEFAULT_TOKENIZER, find_eos_id, load_tokenizer
 
 NGRAMS_DIR = "ngrams"
 TOP_FILE = "top_ngrams.parquet"
@@ -96,8 +108,6 @@ class BuildTablesConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
-        from engram_cli.boundary import check_rule
-        from engram_cli.presets import PLAN_OPTIONS, resolve_plan_options
 
         check_rule(self.boundary)
 
@@ -187,7 +197,6 @@ def load_tables(directory: str | os.PathLike, vocab_dir: str | os.PathLike | Non
     The vocab artifact is found at the path recorded in the manifest unless ``vocab_dir`` is
     given; either way its ``vocab_map.npy`` must have the recorded sha256.
     """
-    from engram_cli.hashing import TablePlan
 
     directory = Path(directory)
     manifest = read_manifest(directory, "engram.tables")
@@ -316,9 +325,6 @@ def import_in_background(*modules: str) -> None:
 
 
 def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, sep: tuple[int, int], progress: ProgressFn):
-    from engram_cli.boundary import Boundary
-    from engram_cli.corpus import CorpusStats, corpus_fingerprint, empty_corpus_error, iter_tokenized
-    from engram_cli.counting import NgramCounter, counter_sizes
 
     spec = config.corpus
     # pyarrow imports pandas (when installed) at its first conversion of a NumPy array
@@ -344,15 +350,12 @@ def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, sep: tuple[in
 
 def separator_ids(config: BuildTablesConfig, tok, vocab: VocabMap) -> tuple[int, int]:
     """(original, canonical) id of the document separator: ``--eos-token``, or the tokenizer's EOS."""
-    from engram_cli.data import find_eos_id
 
     sep = find_eos_id(tok.tokenizer, config.eos_token)
     return sep, int(vocab.table[sep])
 
 
 def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int, int], progress: ProgressFn):
-    from engram_cli.counting import merge_stats
-    from engram_cli.ngram_stats import NgramStats
 
     manifests = [(Path(d), *read_shard(Path(d))) for d in config.from_shards]
     for d, m, _ in manifests:
@@ -383,7 +386,6 @@ def _merge_shards(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int, in
 
 
 def _target_sizes(config: BuildTablesConfig, ngrams, n_orders: int) -> tuple[int, ...] | None:
-    from engram_cli.sizing import target_size_for_collision_rate, target_size_for_memory_budget
 
     if config.target_size is not None:
         return (config.target_size,) * n_orders
@@ -491,10 +493,6 @@ def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engram_cli.collisions import measure_tables
-    from engram_cli.hashing import TABLE_DTYPES
-    from engram_cli.hotrows import cache_lines, hot_row_curves, plot_hot_rows
-    from engram_cli.presets import check_published_rows
 
     plan = _make_plan(config, vocab, sep, ngrams)
     memory = {d: plan.memory_bytes(d) for d in TABLE_DTYPES}
@@ -528,7 +526,6 @@ def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int
 
 
 def _make_plan(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int, int], ngrams) -> TablePlan:
-    from engram_cli.hashing import make_plan
 
     return make_plan(boundary=config.boundary, separator_id=sep[0], canonical_separator_id=sep[1],
                      canonical_vocab_size=vocab.canonical_vocab_size,
@@ -542,7 +539,6 @@ def _make_plan(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int, int],
 
 def _check_plan_options(config: BuildTablesConfig, vocab: VocabMap) -> None:
     """Every plan option except the sizes, checked by make_plan itself on the smallest tables."""
-    from engram_cli.hashing import make_plan
 
     make_plan(canonical_vocab_size=vocab.canonical_vocab_size, canonical_pad_id=int(vocab.table[config.pad_id]),
               original_vocab_size=vocab.original_vocab_size, pad_id=config.pad_id, layer_ids=config.layer_ids,
@@ -553,8 +549,6 @@ def _check_plan_options(config: BuildTablesConfig, vocab: VocabMap) -> None:
 
 def _plan_only(config: BuildTablesConfig, vocab: VocabMap, tok, sep: tuple[int, int], t0: float) -> BuildTablesResult:
     """``--plan-only``: the plan and its memory figures, written as an ``engram.plan`` artifact."""
-    from engram_cli.hashing import TABLE_DTYPES
-    from engram_cli.presets import check_published_rows
 
     plan = _make_plan(config, vocab, sep, None)
     memory = {d: plan.memory_bytes(d) for d in TABLE_DTYPES}
@@ -579,8 +573,6 @@ def _write_reports(w, config: BuildTablesConfig, plan: TablePlan, by_order, coun
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engram_cli.collision_plots import plot_slot_load_histogram, plot_sweep
-    from engram_cli.collisions import sweep_collisions
 
     pq.write_table(pa.Table.from_pylist([{"n": n, **asdict(t)} for n, rows in top.items() for t in rows]),
                    w.path(TOP_FILE))

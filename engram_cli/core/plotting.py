@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from engram_cli.text import is_cjk
+from engram_cli.core.text import is_cjk
 
 DPI = 200               # resolution of the PNGs (print quality)
 FONT_SIZE = 7.0         # points; the figures are small (a few inches wide), as in a paper

@@ -33,20 +33,19 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import check_schema, read_json, read_manifest
-from engram_cli.errors import ArtifactError
-
-if TYPE_CHECKING:
-    from engram_cli.checkpoint import Checkpoint
-    from engram_cli.data import SubVocab
-    from engram_cli.hashing import TablePlan
-    from engram_cli.model import EngramModel, ModelConfig
-    from engram_cli.tokenizer import LoadedTokenizer
-    from engram_cli.vocab import VocabMap
+from engram_cli.core.artifacts import check_schema, read_json, read_manifest
+from engram_cli.core.errors import ArtifactError
+from engram_cli.model.config import ModelConfig
+from engram_cli.model.transformer import EngramModel
+from engram_cli.tables.plan import TablePlan
+from engram_cli.train.checkpoint import Checkpoint, read_checkpoint
+from engram_cli.train.data import SubVocab
+from engram_cli.vocab.normalize import VocabMap, load_vocab
+from engram_cli.vocab.tokenizer import LoadedTokenizer, find_eos_id, load_tokenizer
 
 RUN_FORMAT = "engram.run"
 CONFIG_FILE = "config.json"              # the run's resolved configuration, written by the trainer
@@ -115,7 +114,6 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str = 
     ``vocab_dir`` finds the vocab artifact somewhere else than where the run recorded it (it must
     still have the recorded sha256).
     """
-    from engram_cli.checkpoint import read_checkpoint
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir, RUN_FORMAT)
@@ -131,8 +129,6 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str = 
                             "(sha256 mismatch)", _RETRAIN)
     check_vocab_fit(run_dir.resolve().name, plan, tokenizer, vocab)
     subvocab = _load_subvocab(ckpt, vocab.original_vocab_size)
-    from engram_cli.data import find_eos_id
-    from engram_cli.model import ModelConfig
 
     run = LoadedRun(run_dir=run_dir, name=run_dir.resolve().name, step=ckpt.step, manifest=manifest, config=config,
                     checkpoint=ckpt, model_config=ModelConfig.from_dict(ckpt.state["model_config"]), plan=plan,
@@ -145,7 +141,6 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str = 
 
 def build_model(run: LoadedRun, device: str = "cpu") -> EngramModel:
     """The run's model with the checkpoint's weights, in eval mode on ``device``."""
-    from engram_cli.model import EngramModel
 
     model = EngramModel(run.model_config, run.plan)
     try:
@@ -203,8 +198,6 @@ def _check_checkpoint_belongs(run_dir: Path, ckpt: Checkpoint, manifest: dict, c
 
 def _load_tokenizer_and_vocab(run_dir: Path, manifest: dict, config: dict, vocab_dir: str | os.PathLike | None):
     """The run's tokenizer and vocab map, each checked once against the fingerprint the run recorded."""
-    from engram_cli.tokenizer import load_tokenizer
-    from engram_cli.vocab import load_vocab
 
     inputs = manifest["inputs"]
     spec = config["run"]["tokenizer"]
@@ -239,7 +232,6 @@ def check_vocab_fit(name: str, plan: TablePlan | None, tokenizer: LoadedTokenize
 
 
 def _load_subvocab(ckpt: Checkpoint, original_vocab_size: int) -> SubVocab:
-    from engram_cli.data import SubVocab
 
     subvocab = SubVocab(ckpt.subvocab_ids(), original_vocab_size)
     recorded = ckpt.state.get("fingerprints", {}).get("subvocab")

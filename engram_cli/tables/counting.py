@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_cli.boundary import Boundary, boundary_ngrams, split_edges
-from engram_cli.errors import ArtifactError, ConfigError, InputError
-from engram_cli.ngram_stats import NgramStats, _sorted_stats
-from engram_cli.ngrams import (
+from engram_cli.core.errors import ArtifactError, ConfigError, InputError
+from engram_cli.core.progress import ProgressFn, report
+from engram_cli.tables.boundary import Boundary, boundary_ngrams, split_edges
+from engram_cli.tables.keys import (
     KeyLayout,
     _concat_chunks,
     _Run,
@@ -32,7 +32,7 @@ from engram_cli.ngrams import (
     reduce_keys,
     stream_keys,
 )
-from engram_cli.progress import ProgressFn, report
+from engram_cli.tables.stats import NgramStats, _sorted_stats
 
 MAX_ORDER = 8                      # highest order counted; orders needing 3+ words are slower
 

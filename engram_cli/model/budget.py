@@ -23,9 +23,9 @@ import math
 import os
 from dataclasses import dataclass, replace
 
-from engram_cli.errors import ConfigError
-from engram_cli.hashing import TablePlan, make_plan, vocab_fields
-from engram_cli.model import ModelConfig
+from engram_cli.core.errors import ConfigError
+from engram_cli.model.config import ModelConfig
+from engram_cli.tables.plan import TablePlan, make_plan, vocab_fields
 
 #: below this many slots per head a table is too small to mean anything (and primes get sparse)
 MIN_SLOTS_PER_HEAD = 16

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engram_cli.errors import ConfigError
+from engram_cli.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.errors import ConfigError
+from engram_cli.core.errors import ConfigError
+from engram_cli.vocab.tokenizer import find_eos_id
 
 #: the rules a plan can follow (the first is the reference's and the default)
 BOUNDARY_RULES = ("pad-start", "document")
@@ -66,7 +67,6 @@ class Boundary:
 def check_run_boundary(tables_plan, tok, eos_token: str, tables_dir, run_plan=None) -> None:
     """The run reads documents as the tables counted them: the same separator after every document
     (``data.eos_token``) and, when resuming, the same boundary rule as the run started with."""
-    from engram_cli.data import find_eos_id
 
     eos = find_eos_id(tok.tokenizer, eos_token)
     if tables_plan.separator_id is not None and eos != tables_plan.separator_id:

@@ -48,8 +48,9 @@ import numpy as np
 import torch
 
 from engram_cli import __version__
-from engram_cli.artifacts import atomic_write_json, check_schema, inside, sha256_file
-from engram_cli.errors import ArtifactError
+from engram_cli.core.artifacts import atomic_write_json, check_schema, inside, sha256_file
+from engram_cli.core.errors import ArtifactError
+from engram_cli.tables.plan import TablePlan
 
 CKPT_DIR = "ckpt"
 LATEST = "latest.json"
@@ -302,7 +303,6 @@ class Checkpoint:
         return self._load(SUBVOCAB_FILE)["original_ids"].numpy()
 
     def plan(self):
-        from engram_cli.hashing import TablePlan
 
         p = self.path / PLAN_FILE
         return TablePlan.load(p) if p.is_file() else None

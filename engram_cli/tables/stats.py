@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.artifacts import read_json
-from engram_cli.errors import ArtifactError, ConfigError
-from engram_cli.ngrams import KeyLayout
+from engram_cli.core.artifacts import read_json
+from engram_cli.core.errors import ArtifactError, ConfigError
+from engram_cli.tables.keys import KeyLayout
 
 STATS_FORMAT = "engram.ngram_stats"
 STATS_VERSION = 1

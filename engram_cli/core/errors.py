@@ -54,3 +54,9 @@ class Interrupted(BaseException):
         self.signal_name = signal.Signals(signum).name
         self.message = message or f"interrupted by {self.signal_name}"
         self.hint = hint or "outputs already written are intact; an unfinished output was discarded"
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one short line for an error message: its type and the first line of its text."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__

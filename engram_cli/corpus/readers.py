@@ -1,8 +1,8 @@
-"""The readers of every corpus format (``engram_cli.corpus`` streams documents through them):
+"""The readers of every corpus format (``engram_cli.corpus.stream`` streams documents through them):
 plain text (a document per file or per line), JSON lines / JSON arrays, Parquet (a record batch
 at a time), ``datasets`` directories made by ``save_to_disk`` and hub datasets (``hf:``).
 
-A file that cannot be read or is not valid UTF-8 raises ``BadFile``; ``engram_cli.corpus``
+A file that cannot be read or is not valid UTF-8 raises ``BadFile``; ``engram_cli.corpus.stream``
 skips and counts it, or refuses it with ``--no-skip-bad-files``. A malformed JSON record is
 counted in ``CorpusStats.bad_records`` (with a few examples), never silently dropped.
 """
@@ -14,18 +14,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from engram_cli.corpus import (
-    _HF_BATCH_ROWS,
-    _MAX_BAD_RECORDS_KEPT,
-    _PARQUET_BATCH_ROWS,
-    _READ_CHUNK,
-    HUB_PREFIX,
-    CorpusSpec,
-    CorpusStats,
-    Source,
-    _first_line,
-)
-from engram_cli.errors import InputError
+from engram_cli.core.errors import InputError, first_line
+from engram_cli.corpus.spec import HUB_PREFIX, CorpusSpec, CorpusStats, Source
+
+READ_CHUNK = 4 << 20               # bytes per read in the UTF-8 check
+PARQUET_BATCH_ROWS = 1024          # rows per Parquet record batch
+HF_BATCH_ROWS = 1000               # rows per batch read from a save_to_disk dataset
+MAX_BAD_RECORDS_KEPT = 20          # bad-record examples kept in CorpusStats
 
 
 class BadFile(Exception):
@@ -44,7 +39,7 @@ class Reader:
             raise InputError(f"{where}: {reason}",
                              "fix or remove the record; without --no-skip-bad-files bad records are skipped")
         self.stats.bad_records += 1
-        if len(self.stats.bad_record_examples) < _MAX_BAD_RECORDS_KEPT:
+        if len(self.stats.bad_record_examples) < MAX_BAD_RECORDS_KEPT:
             self.stats.bad_record_examples.append((where, reason))
 
     def texts(self, source: Source) -> Iterator[str | None]:
@@ -138,7 +133,7 @@ class Reader:
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
-            raise BadFile(f"not a readable Parquet file ({_first_line(e)})") from None
+            raise BadFile(f"not a readable Parquet file ({first_line(e)})") from None
         schema = pf.schema_arrow
         if col not in schema.names:
             texty = [f.name for f in schema if _is_text_type(f.type)]
@@ -148,10 +143,10 @@ class Reader:
                              "pass --text-column with a string column")
         yield ""
         try:
-            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[col]):
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[col]):
                 yield from batch.column(0).to_pylist()
         except (pa.ArrowException, OSError) as e:  # corruption after the first batches
-            raise InputError(f"{path} is damaged: {_first_line(e)}", "recreate or remove the file") from None
+            raise InputError(f"{path} is damaged: {first_line(e)}", "recreate or remove the file") from None
 
     def _hf_disk(self, source: Source) -> Iterator[str | None]:
         import datasets
@@ -160,7 +155,7 @@ class Reader:
         try:
             ds = datasets.load_from_disk(path)
         except Exception as e:  # datasets raises several types for damaged directories
-            raise BadFile(f"not a loadable save_to_disk dataset ({_first_line(e)})") from None
+            raise BadFile(f"not a loadable save_to_disk dataset ({first_line(e)})") from None
         if isinstance(ds, datasets.DatasetDict):
             if self.spec.hf_split not in ds:
                 raise InputError(f"dataset {path} has no split {self.spec.hf_split!r} (splits: {', '.join(ds)})",
@@ -170,7 +165,7 @@ class Reader:
             texty = [k for k, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
             raise missing_column_error(path, col, ds.column_names, texty)
         yield ""
-        for batch in ds.select_columns([col]).iter(batch_size=_HF_BATCH_ROWS):
+        for batch in ds.select_columns([col]).iter(batch_size=HF_BATCH_ROWS):
             yield from batch[col]
 
     def _hf_hub(self, source: Source) -> Iterator[str | None]:
@@ -183,7 +178,7 @@ class Reader:
             records = iter(ds)
             first = next(records, None)
         except Exception as e:  # network, auth, unknown name or split: all user-fixable
-            raise InputError(f"cannot open hub dataset {label} ({_first_line(e)})",
+            raise InputError(f"cannot open hub dataset {label} ({first_line(e)})",
                              "check the name, split and network; offline, pass a directory made by save_to_disk") from e
         if first is None:
             yield ""
@@ -225,7 +220,7 @@ def _check_utf8(path: str) -> None:
     offset = 0
     try:
         with open(path, "rb") as f:
-            while block := f.read(_READ_CHUNK):
+            while block := f.read(READ_CHUNK):
                 try:
                     decoder.decode(block)
                 except UnicodeDecodeError as e:

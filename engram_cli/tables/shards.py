@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engram_cli.artifacts import MANIFEST, read_manifest
-from engram_cli.errors import ArtifactError, InputError
+from engram_cli.core.artifacts import MANIFEST, read_manifest
+from engram_cli.core.errors import ArtifactError, InputError
 
 #: what every shard of one corpus must agree on: (where in the shard manifest, what it is called)
 _SHARD_AGREEMENT = (
