@@ -1,6 +1,6 @@
 """The ``engram`` command: a Typer app whose commands live in ``engram_cli.commands``.
 
-Errors: an :class:`~engram_cli.errors.EngramError` raised by the library, or a usage error from
+Errors: an :class:`~engram_cli.core.errors.EngramError` raised by the library, or a usage error from
 the option parser, is printed as ONE red line on stderr (problem, then the fix) and the process
 exits with status 1. ``ENGRAM_DEBUG=1`` re-raises instead, showing the traceback. This is done in
 :class:`EngramGroup.main`, which both the console script and Typer's ``CliRunner`` go through.

@@ -98,7 +98,7 @@ def test_symlinked_output_is_refused(tmp_path):
 def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
     out = tmp_path / "a"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from engram_cli.artifacts import output_lock\n"
+        "import sys, time; from engram_cli.core.artifacts import output_lock\n"
         f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(30)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -1,5 +1,5 @@
 """The document-boundary rule: counting, shard merging and hashing follow it, and the keys the
-model hashes over a corpus are exactly the keys build-tables counted (engram_cli.boundary)."""
+model hashes over a corpus are exactly the keys build-tables counted (engram_cli.tables.boundary)."""
 
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ def test_interrupts_say_what_happened(tmp_path, sig, code):
     """Ctrl-C / SIGTERM: one line naming the signal, exit 128 + signal number, no traceback."""
     import signal
 
-    script = ("import time, engram_cli.vocab as v\n"
+    script = ("import time, engram_cli.vocab.normalize as v\n"
               "def slow(config, progress=None):\n    print('ready', flush=True); time.sleep(60)\n"
               "v.normalize_vocab = slow\n"
               "from engram_cli.cli import main\nmain()\n")

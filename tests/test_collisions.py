@@ -1,4 +1,4 @@
-"""Tests for engram_cli.collisions: every figure against brute force, predictions, plots."""
+"""Tests for engram_cli.tables.collisions: every figure against brute force, predictions, plots."""
 
 from __future__ import annotations
 

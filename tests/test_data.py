@@ -1,4 +1,4 @@
-"""Training data: the token cache, the split, the sub-vocabulary and the batches (engram_cli.data)."""
+"""Training data: the token cache, the split, the sub-vocabulary and the batches (engram_cli.train.data)."""
 
 from __future__ import annotations
 

@@ -249,6 +249,7 @@ def test_error_bucket_n_beyond_the_plan(run_dir):
 
 
 def test_error_runs_of_different_tokenizers(run_dir, baseline_dir, monkeypatch):
+    import engram_cli.eval.report
     import engram_cli.train.runs
 
     real = engram_cli.train.runs.load_run
@@ -258,7 +259,7 @@ def test_error_runs_of_different_tokenizers(run_dir, baseline_dir, monkeypatch):
         other = replace(loaded.tokenizer, fingerprint="e" * 64)
         return replace(loaded, tokenizer=other) if Path(path) == baseline_dir else loaded
 
-    monkeypatch.setattr(engram_cli.train.runs, "load_run", load)
+    monkeypatch.setattr(engram_cli.eval.report, "load_run", load)
     one_red_line(invoke(str(run_dir), str(baseline_dir)), "different tokenizers")
     with pytest.raises(ConfigError, match="different tokenizers"):
         E.evaluate(E.EvalConfig(runs=[run_dir, baseline_dir]))

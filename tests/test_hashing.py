@@ -1,4 +1,4 @@
-"""Tests for engram_cli.hashing: the table plan, the N-gram hash and the sizing helpers."""
+"""Tests for engram_cli.tables.hashing: the table plan, the N-gram hash and the sizing helpers."""
 
 from __future__ import annotations
 

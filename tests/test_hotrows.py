@@ -1,4 +1,4 @@
-"""Hot-row planning: lookups served by the hottest rows, collisions included (engram_cli.hotrows)."""
+"""Hot-row planning: lookups served by the hottest rows, collisions included (engram_cli.tables.hotrows)."""
 
 from __future__ import annotations
 

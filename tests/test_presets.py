@@ -1,4 +1,4 @@
-"""Presets of published table configurations and --plan-only (engram_cli.presets)."""
+"""Presets of published table configurations and --plan-only (engram_cli.tables.presets)."""
 
 from __future__ import annotations
 

@@ -367,7 +367,7 @@ def test_log_tensorboard_without_the_package_is_one_red_line(tmp_path, tiny_tabl
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     r = runner.invoke(app, ["train", *TINY_RUN_CORPUS, "-T", str(tiny_tables), "-o", str(tmp_path / "r"), *sets(),
                             "--log", "tensorboard"])
-    one_red_line(r, "tensorboard package", "pip install tensorboard")
+    one_red_line(r, "`tensorboard` extra", "engram-cli[tensorboard]")
     assert not (tmp_path / "r").exists()
 
 

@@ -8,6 +8,9 @@ imported inside the command functions so that ``engram --help`` stays fast.
 Each command module defines ``EXAMPLES``: (command line, what it does) pairs shown in ``--help``.
 A command with subcommands (``engram sweep``) defines ``app``, a Typer sub-app; its registry
 function is the sub-app's callback (its help text).
+
+Imports: any library package, but only inside the command functions, so that ``engram --help``
+loads no heavy package; nothing in the library imports the commands.
 """
 
 from types import ModuleType

@@ -15,10 +15,20 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
 
 def show_token(text: str, max_len: int = 40) -> str:
-    """Readable form of a token's text (see ``engram_cli.text.display_token``)."""
+    """Readable form of a token's text (see ``engram_cli.core.text.display_token``)."""
     from engram_cli.core.text import display_token
 
     return display_token(text, max_len=max_len)
+
+
+def count(x: int | None) -> str:
+    """A parameter or row count in short form: 4.68M, 10.3k, 1.20B ("–" when unknown)."""
+    if x is None:
+        return "–"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return str(x)
 
 
 def print_json(obj: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from engram_cli.commands.options import Force, Json, Quiet
+from engram_cli.commands.render import count
 
 EXAMPLES = [
     ("engram sweep allocation sample_data/sotu sample_data/zh_classics.jsonl -T out/tables -c configs/tiny.toml "
@@ -131,12 +132,6 @@ def _f(v: float | None, digits: int = 3, signed: bool = False) -> str:
     return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
-def _n(x: int | None) -> str:
-    from engram_cli.commands.train import _n as n
-
-    return "–" if x is None else n(x)
-
-
 def render(result) -> None:
     from rich.table import Table
 
@@ -151,7 +146,7 @@ def render(result) -> None:
     if result.evaluated:
         t.add_column("bits/byte", justify="right")
     for p in result.points:
-        row = [p["point"], str(p["seeds"]), f"{_n(p['total_params'])} / {_n(p['activated_params'])}",
+        row = [p["point"], str(p["seeds"]), f"{count(p['total_params'])} / {count(p['activated_params'])}",
                f"{p['table_rows']:,}" if p["table_rows"] is not None else "–", f"[bold]{_f(p['val_loss_mean'])}[/]",
                f"{_f(p['val_loss_min'])} – {_f(p['val_loss_max'])}", _f(p["delta_vs_reference"], signed=True),
                p["verdict"]]

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from engram_cli.commands.options import Force, Json, Quiet
+from engram_cli.commands.render import count
 
 EXAMPLES = [
     ("engram train sample_data/sotu/*.txt sample_data/zh_classics.jsonl --tables out/tables --out out/run "
@@ -86,13 +87,6 @@ def train_command(
         render(result)
 
 
-def _n(x: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{unit}"
-    return str(x)
-
-
 def budget_table(budget: dict, title: str):
     from rich.table import Table
 
@@ -100,11 +94,11 @@ def budget_table(budget: dict, title: str):
     t.add_column("parameters")
     t.add_column("total", justify="right")
     t.add_column("activated per token", justify="right")
-    t.add_row("[bold]model[/]", f"[bold]{_n(budget['total'])}[/]", f"[bold]{_n(budget['activated'])}[/]")
-    t.add_row("Engram tables", _n(budget["engram_tables"]), _n(budget["engram_tables_activated"]))
-    t.add_row(f"routed experts ({budget['moe_top_k']} of {budget['moe_num_experts']})", _n(budget["experts_routed"]),
-              _n(budget["experts_routed_activated"]))
-    t.add_row("dense (attention, shared experts, embeddings, Engram projections)", _n(budget["dense"]), _n(budget["dense"]))
+    t.add_row("[bold]model[/]", f"[bold]{count(budget['total'])}[/]", f"[bold]{count(budget['activated'])}[/]")
+    t.add_row("Engram tables", count(budget["engram_tables"]), count(budget["engram_tables_activated"]))
+    t.add_row(f"routed experts ({budget['moe_top_k']} of {budget['moe_num_experts']})", count(budget["experts_routed"]),
+              count(budget["experts_routed_activated"]))
+    t.add_row("dense (attention, shared experts, embeddings, Engram projections)", count(budget["dense"]), count(budget["dense"]))
     return t
 
 

@@ -14,6 +14,7 @@ file is present, and names the command that produces the artifact when something
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -256,7 +257,6 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
 
 def _acquire(lock: Path, out: Path) -> int:
     """flock ``lock`` without waiting; retry when the file was replaced while we locked it."""
-    import fcntl
 
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

@@ -8,6 +8,8 @@ and exits with status 1; the traceback is shown only when ``ENGRAM_DEBUG=1``.
 
 from __future__ import annotations
 
+import signal
+
 
 class EngramError(Exception):
     """Base class: a problem the user can fix. ``hint`` says how."""
@@ -47,7 +49,6 @@ class Interrupted(BaseException):
     """
 
     def __init__(self, signum: int, message: str | None = None, hint: str | None = None):
-        import signal
 
         super().__init__(signum)
         self.signum = signum

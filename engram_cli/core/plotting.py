@@ -20,9 +20,16 @@ matplotlib is imported inside the functions only: importing this module costs no
 from __future__ import annotations
 
 import os
+import warnings as pywarnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from matplotlib import cycler, font_manager, rc_context
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from engram_cli.core.text import is_cjk
 
@@ -51,12 +58,10 @@ def find_cjk_font() -> str | None:
     """
     if "font" in _CJK_FONT_CACHE:
         return _CJK_FONT_CACHE["font"]
-    from matplotlib import font_manager
 
     names = {f.name for f in font_manager.fontManager.ttflist}
     found = next((n for n in CJK_FONTS if n in names), None)
     if found is None:
-        from matplotlib.ft2font import FT2Font
 
         for f in sorted(font_manager.fontManager.ttflist, key=lambda f: f.name):
             if f.name.startswith("Last Resort"):  # maps every character to a placeholder box
@@ -75,7 +80,6 @@ def find_cjk_font() -> str | None:
 def style(texts: Iterable[str] = (), font_size: float = FONT_SIZE) -> tuple[dict[str, Any], list[str]]:
     """The rc parameters of engram's figures, with a CJK fallback font when one of ``texts`` (the
     labels the figure will show) needs it; and the warnings (no CJK font installed)."""
-    from matplotlib import cycler
 
     rc: dict[str, Any] = {"font.family": ["DejaVu Sans"], "font.size": font_size, "svg.fonttype": "path",
                           "axes.linewidth": 0.6, "xtick.major.width": 0.6, "ytick.major.width": 0.6,
@@ -95,9 +99,6 @@ def figure(width: float, height: float, *, texts: Iterable[str] = (),
            font_size: float = FONT_SIZE) -> Iterator[tuple[Any, list[str]]]:
     """A ``Figure`` of ``width`` x ``height`` inches on an Agg canvas, drawn and saved inside the
     style's rc context; yields ``(fig, warnings)`` (extend the warnings with :func:`save`'s)."""
-    from matplotlib import rc_context
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     rc, warnings = style(texts, font_size)
     with rc_context(rc):
@@ -111,7 +112,6 @@ def save(fig, *paths: str | os.PathLike | None, crop: bool = True) -> list[str]:
     content unless ``crop`` is False (cropping draws the figure twice; figures laid out with
     :func:`margins` need no crop). Returns one warning when some characters had no glyph in the
     installed fonts."""
-    import warnings as pywarnings
 
     tight = {"bbox_inches": "tight", "pad_inches": 0.04} if crop else {}
     with pywarnings.catch_warnings(record=True) as caught:
@@ -139,7 +139,6 @@ def log_axis(axis) -> None:
     """A log-scaled axis with ticks at the powers of ten only, labelled 1, 10, 100, 1k, ... 1M
     without mathtext: mathtext parsing and the minor ticks' objects are most of the drawing time
     of a small log plot."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     axis.set_major_locator(LogLocator(base=10, numticks=12))
     axis.set_major_formatter(FuncFormatter(lambda x, _: compact_number(x)))

@@ -70,7 +70,7 @@ def load_or_build_token_cache(spec, tokenizer, vocab, cache_dir: str | os.PathLi
                               progress: ProgressFn | None = None) -> TokenCache:
     """Return the cached stream for (corpus, tokenizer, vocab, max_tokens, EOS), tokenizing on a miss.
 
-    ``spec`` is a :class:`engram_cli.corpus.CorpusSpec`, ``tokenizer`` a ``LoadedTokenizer``,
+    ``spec`` is a :class:`engram_cli.corpus.spec.CorpusSpec`, ``tokenizer`` a ``LoadedTokenizer``,
     ``vocab`` the ``VocabMap`` (only its fingerprint enters the key). A new entry is written to a
     temp directory and renamed into place, so a crash never leaves a half-written entry and two
     runs building the same entry at once both end with a complete one.

@@ -126,8 +126,8 @@ class Reader:
         return None
 
     def _parquet(self, source: Source) -> Iterator[str | None]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # lazy: pyarrow is loaded only for Parquet inputs
+        import pyarrow.parquet as pq  # lazy: pyarrow is loaded only for Parquet inputs
 
         path, col = source.location, self.spec.text_column
         try:
@@ -149,8 +149,7 @@ class Reader:
             raise InputError(f"{path} is damaged: {first_line(e)}", "recreate or remove the file") from None
 
     def _hf_disk(self, source: Source) -> Iterator[str | None]:
-        import datasets
-
+        datasets = import_datasets(source.location)
         path, col = source.location, self.spec.text_column
         try:
             ds = datasets.load_from_disk(path)
@@ -171,9 +170,8 @@ class Reader:
     def _hf_hub(self, source: Source) -> Iterator[str | None]:
         name, col = source.location, self.spec.text_column
         label = HUB_PREFIX + name + (f":{source.config}" if source.config else "")
+        datasets = import_datasets(label)
         try:
-            import datasets
-
             ds = datasets.load_dataset(name, source.config, split=self.spec.hf_split, streaming=True)
             records = iter(ds)
             first = next(records, None)
@@ -191,6 +189,16 @@ class Reader:
             yield rec.get(col)
 
 
+def import_datasets(where: str):
+    """The ``datasets`` package, or one clear error naming the extra that installs it."""
+    try:
+        import datasets  # lazy: the `hf` extra; only save_to_disk directories and hub datasets need it
+    except ImportError:
+        raise InputError(f"{where}: reading Hugging Face datasets needs the `hf` extra, which is not installed",
+                         "run `pip install 'engram-cli[hf]'`, or pass text, JSONL or Parquet files") from None
+    return datasets
+
+
 def missing_column_error(where: str, col: str, columns: list[str], text_columns: list[str]) -> InputError:
     """The error for a text column that is not there, listing the columns that are."""
     suggest = text_columns or columns
@@ -200,7 +208,7 @@ def missing_column_error(where: str, col: str, columns: list[str], text_columns:
 
 
 def _is_text_type(t) -> bool:
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: pyarrow is loaded only for Parquet inputs
 
     return pa.types.is_string(t) or pa.types.is_large_string(t) or (
         hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))

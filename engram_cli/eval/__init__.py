@@ -19,12 +19,14 @@ The modules, in dependency order:
 
 * ``config``: :class:`EvalConfig`, the buckets, the files written;
 * ``texts``: the run's training split (from its token cache), the scored text, windows, UTF-8 bytes;
-* ``buckets``: exact training n-gram counts (``engram_cli.ngrams``), their lookup, scripts;
+* ``buckets``: exact training n-gram counts (``engram_cli.tables.keys``), their lookup, scripts;
 * ``losses``: per-token losses over windows (memory on or off), confidence intervals, bits per byte;
-* ``plots``: the picture (``engram_cli.plotting``);
+* ``plots``: the picture (``engram_cli.core.plotting``);
 * ``report``: :func:`evaluate` (the command's one library call), :class:`EvalResult`, the artifact.
 
 The library never prints; torch, pyarrow and matplotlib are imported only when used.
+
+Imports: ``core`` .. ``train``; never ``gates`` or ``sweep``.
 
 >>> res = evaluate(EvalConfig(runs=[Path("out/run")], knockout="engram"))      # doctest: +SKIP
 >>> r = res.runs[0]; r.loss, r.loss_ci95, r.bits_per_byte, r.delta             # doctest: +SKIP

@@ -4,10 +4,10 @@
   p-n+1 .. p: its n-1 preceding tokens and the target itself. Canonical ids, because that is
   what the Engram tables key on (the memory of the (n-1)-gram before the target is the row that
   training could have taught this continuation). Its count is taken exactly over the run's
-  *training* ranges of the cached stream with :class:`engram_cli.counting.NgramCounter`, each
+  *training* ranges of the cached stream with :class:`engram_cli.tables.counting.NgramCounter`, each
   training range one document (an n-gram never joins two ranges; inside a range it crosses
   document separators under the plan's pad-start rule and restarts after them under the document
-  rule, as the model's hashing does, ``engram_cli.boundary``). Counts are looked up
+  rule, as the model's hashing does, ``engram_cli.tables.boundary``). Counts are looked up
   through the same key packing (``KeyLayout``, ``group_rows``). A target with fewer than n-1
   tokens before it in the stream is ``unseen``.
 * **Script** of the target token's decoded text (:func:`script_of`).
@@ -58,7 +58,7 @@ def context_ngrams(stream: np.ndarray, positions: np.ndarray, canonical: np.ndar
     """The canonical n-gram ending at each position (int64 [P, n]; rows of positions without n-1
     tokens before them are zero) and which positions have one (bool [P]). With ``restart``
     (original separator id, canonical pad id: the document rule) the ids before the start of the
-    position's document read the pad id, as :func:`engram_cli.hashing.hash_ngrams` reads them."""
+    position's document read the pad id, as :func:`engram_cli.tables.hashing.hash_ngrams` reads them."""
     valid = positions >= n - 1
     span = np.where(valid, positions, n - 1)[:, None] + np.arange(1 - n, 1)[None, :]  # (P, n), oldest first
     ids = np.asarray(stream)[span]

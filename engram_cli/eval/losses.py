@@ -3,9 +3,11 @@ confidence interval of a mean loss from per-window sums."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
+import torch
 
 from engram_cli.core.progress import ProgressFn, report
 from engram_cli.train.runs import LoadedRun
@@ -24,9 +26,7 @@ def token_losses(run: LoadedRun, stream: np.ndarray, windows: np.ndarray, *, kno
     the model is causal and its MoE drops no tokens, so padding cannot change a real token's
     logits. With ``knockout`` every Engram module adds nothing (``EngramModel.engram_knockout``).
     """
-    import contextlib
 
-    import torch
 
     progress = report(progress)
     model = run.model

@@ -1,5 +1,5 @@
 """The picture of ``engram eval``: loss by bucket, runs side by side, and the knockout deltas,
-drawn through ``engram_cli.plotting`` (matplotlib is imported only here, when drawing)."""
+drawn through ``engram_cli.core.plotting`` (matplotlib is imported only here, when drawing)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from engram_cli.core.artifacts import artifact_dir, check_output_dir
 from engram_cli.core.errors import ConfigError
@@ -261,7 +263,6 @@ def _check_runs(runs: list[LoadedRun], config: EvalConfig) -> int:
 
 def bucket_table(result: EvalResult):
     """The per-bucket rows of every run as one Arrow table (``buckets.parquet``)."""
-    import pyarrow as pa
 
     rows = [{"run": r.model, "step": r.step, "run_dir": r.run_dir, "kind": b.kind, "bucket": b.bucket,
              "tokens": b.tokens, "loss": _num(b.loss), "knockout_loss": _num(b.knockout_loss), "delta": _num(b.delta)}
@@ -277,7 +278,6 @@ def _num(v: float | None) -> float | None:
 
 
 def _write_artifact(config: EvalConfig, runs: list[LoadedRun], result: EvalResult, t0: float) -> None:
-    import pyarrow.parquet as pq
 
 
     with artifact_dir(config.out, FORMAT, force=config.force) as w:

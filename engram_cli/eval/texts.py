@@ -1,6 +1,6 @@
 """The text a run is scored on, cut into windows, and the run's training split.
 
-* **Training split.** A run's token stream is the one its trainer cached (``engram_cli.data``):
+* **Training split.** A run's token stream is the one its trainer cached (``engram_cli.train.data``):
   found by the cache key the trainer used (the corpus fingerprint the run's manifest records, the
   tokenizer and vocab-map fingerprints, ``data.max_tokens`` and the separator), so neither the
   corpus files nor a tokenizer pass are needed. Without the cache entry the corpus is tokenized

@@ -29,11 +29,13 @@ The modules, in dependency order:
 * ``forward``: a run loaded for inspection, windows of ``block_size``, the gates of the forward
   pass (:func:`forward_gates`, :func:`document_gates`), :class:`GateTrace` and :func:`trace_text`;
 * ``config``: :class:`InspectGatesConfig`, the files written, the manifest records;
-* ``plots``: the heatmap, the histogram and the by-frequency figure (``engram_cli.plotting``);
+* ``plots``: the heatmap, the histogram and the by-frequency figure (``engram_cli.core.plotting``);
 * ``corpus``: :class:`GateAggregator` and :func:`inspect_corpus`;
 * ``report``: text and compare mode and :func:`inspect_gates`, the command's one library call.
 
 The library never prints; matplotlib is imported only when a picture is drawn.
+
+Imports: ``core`` .. ``train`` (a run is read through ``engram_cli.train.runs``); never ``eval`` or ``sweep``.
 """
 
 from __future__ import annotations

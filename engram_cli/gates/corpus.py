@@ -4,7 +4,7 @@ exactly and in streaming fashion (:class:`GateAggregator`, :func:`inspect_corpus
 Per canonical n-gram ending at a position (n = 1..max_n, never crossing a document start): its
 count and mean gate, and the n-grams with the highest and lowest mean gate; per gate row a
 histogram over [0, 1]; the mean gate by token frequency (log-spaced buckets [2^k, 2^(k+1))).
-The n-grams are keyed, sorted and reduced with ``engram_cli.ngrams`` (``KeyLayout``,
+The n-grams are keyed, sorted and reduced with ``engram_cli.tables.keys`` (``KeyLayout``,
 ``group_rows``), the same packing build-tables counts with.
 """
 
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from engram_cli.core.artifacts import artifact_dir, check_output_dir
 from engram_cli.core.errors import ConfigError, InputError
@@ -301,7 +303,6 @@ def _frequency_table(agg: GateAggregator, labels: list[str]) -> list[dict[str, A
 
 def _write_corpus_artifact(config: InspectGatesConfig, run: LoadedRun, agg: GateAggregator, tables,
                            result: CorpusGateResult, t0: float) -> None:
-    import pyarrow.parquet as pq
 
 
     labels = result.rows
@@ -328,7 +329,6 @@ def _write_corpus_artifact(config: InspectGatesConfig, run: LoadedRun, agg: Gate
 
 
 def _ngram_table(tables, layer_ids, hc):
-    import pyarrow as pa
 
     cols: dict[str, list] = {"n": [], "canonical_ids": [], "example_ids": [], "text": [], "count": []}
     gate_cols = {f"gate_L{layer}": [] for layer in layer_ids}
@@ -353,7 +353,6 @@ def _ngram_table(tables, layer_ids, hc):
 
 
 def _histogram_table(hist: np.ndarray, labels: list[str], bins: int):
-    import pyarrow as pa
 
     edges = np.linspace(0.0, 1.0, bins + 1)
     return pa.table({"row": pa.array([lab for lab in labels for _ in range(bins)], pa.string()),
@@ -363,7 +362,6 @@ def _histogram_table(hist: np.ndarray, labels: list[str], bins: int):
 
 
 def _rows_table(rows: list[dict[str, Any]]):
-    import pyarrow as pa
 
     return pa.Table.from_pylist(rows) if rows else pa.table({})
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from engram_cli.core.errors import ConfigError, InputError
 from engram_cli.core.progress import ProgressFn, report
@@ -23,7 +24,7 @@ from engram_cli.train.runs import LoadedRun, load_run
 
 def load_run_model(run_dir: str | os.PathLike, step: int | None = None, device: str = "cpu") -> LoadedRun:
     """A run directory written by ``engram train``, loaded for inspection with its model
-    (:func:`engram_cli.runs.load_run`); a run without Engram layers is refused (:func:`check_run`)."""
+    (:func:`engram_cli.train.runs.load_run`); a run without Engram layers is refused (:func:`check_run`)."""
 
     run = load_run(run_dir, step, device, verify=False)  # inference: file sizes checked, not hashed
     check_run(run)
@@ -72,7 +73,6 @@ def forward_gates(model: Any, model_ids: Sequence[np.ndarray], canonical_ids: Se
     windows are batched (right-padded: the model is causal and its MoE has no capacity limit, so
     padding after a token cannot change that token's gate).
     """
-    import torch
 
     progress = report(progress)
     block, hc = int(model.config.block_size), int(model.config.engram_hc_mult)
@@ -102,7 +102,6 @@ def _forward_windows(model: Any, batch: list[tuple[int, int, int, int]], model_i
                      canonical_ids: Sequence[np.ndarray]) -> np.ndarray:
     """One forward call over a batch of windows ``(sequence, start, end, keep)``, right-padded:
     the gates (B, W, L * hc) the model returned, float32 on the CPU."""
-    import torch
 
     layers = tuple(model.engram_layer_ids)
     width = max(end - start for _, start, end, _ in batch)

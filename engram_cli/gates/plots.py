@@ -1,7 +1,7 @@
 """The pictures of ``engram inspect-gates``: the gate heatmap of a text (one run or several
 stacked), the gate histogram and the mean gate by token frequency of a corpus.
 
-Drawn through :mod:`engram_cli.plotting` (style, CJK font, saving); matplotlib is imported only
+Drawn through :mod:`engram_cli.core.plotting` (style, CJK font, saving); matplotlib is imported only
 when a picture is drawn. Every function returns its warnings (e.g. no CJK font) instead of
 printing them.
 """
@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import Normalize
+from matplotlib.ticker import FixedLocator, NullLocator
 
 from engram_cli.core import plotting
 from engram_cli.core.errors import ConfigError
@@ -123,8 +126,6 @@ def plot_gate_heatmap(traces: Sequence[GateTrace], path_png: str | os.PathLike |
 def _draw_panel(fig, lay: _HeatmapLayout, traces: Sequence[GateTrace], k: int, s: int, e: int, y: float):
     """The rows of trace ``k`` over tokens [s, e), its top at ``y`` inches; token labels below
     the last trace of the panel row. Returns the colour mesh."""
-    from matplotlib import colormaps
-    from matplotlib.colors import Normalize
 
     trace = traces[k]
     ax = lay.axes(fig, lay.left, y, (e - s) * lay.cell_w, lay.trace_h[k])
@@ -204,7 +205,6 @@ def plot_gate_histogram(hist: np.ndarray, labels: list[str], path_png: str | os.
 def _histogram_row(ax, counts: np.ndarray, j: int, branch: str | None) -> None:
     """One gate row's histogram in ``ax``: bars (a layer without branches) or the ``j``-th
     branch's outline, and its mean as a dashed line with a label."""
-    from matplotlib import colormaps
 
     bins = counts.shape[0]
     edges = np.linspace(0, 1, bins + 1)
@@ -228,7 +228,6 @@ def _histogram_row(ax, counts: np.ndarray, j: int, branch: str | None) -> None:
 def plot_gate_by_frequency(rows: list[dict[str, Any]], labels: list[str], path_png: str | os.PathLike, *,
                            title: str, subtitle: str = "") -> list[str]:
     """Mean gate (± one standard deviation) by token-frequency bucket, and the tokens per bucket."""
-    from matplotlib.ticker import FixedLocator, NullLocator
 
     with plotting.figure(4.6, 3.2 + plotting.TITLE_BAND, texts=[title]) as (fig, warnings):
         top_ax, bottom_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2.6, 1]})

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
 from engram_cli.core.artifacts import (
     artifact_dir,
     atomic_output,
@@ -89,7 +93,6 @@ def inspect_text(config: InspectGatesConfig, progress: ProgressFn | None = None)
 
 def trace_table(traces: Sequence[GateTrace]):
     """Per-token values of one or more traces as one Arrow table (a ``run`` column tells them apart)."""
-    import pyarrow as pa
 
     labels = sorted({lab for t in traces for lab in t.row_labels}, key=_label_order)
     cols: dict[str, list] = {k: [] for k in ("run", "step", "index", "token", "id", "canonical_id", "model_id")}
@@ -179,7 +182,6 @@ def _load_runs(config: InspectGatesConfig) -> list[LoadedRun]:
 
 def _write_text_artifact(config: InspectGatesConfig, runs: list[LoadedRun], report: GateReport, t0: float) -> None:
     """The ``engram.gates`` artifact of text / compare mode: tokens.parquet, the heatmap, the manifest."""
-    import pyarrow.parquet as pq
 
 
     traces = report.traces
@@ -199,11 +201,9 @@ def _write_table(table, dest: Path, *, csv: bool) -> None:
     try:
         with atomic_output(dest) as tmp:
             if csv:
-                import pyarrow.csv as pcsv
 
                 pcsv.write_csv(table, tmp)
             else:
-                import pyarrow.parquet as pq
 
                 pq.write_table(table, tmp)
     except OSError as e:

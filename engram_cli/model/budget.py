@@ -23,6 +23,8 @@ import math
 import os
 from dataclasses import dataclass, replace
 
+import torch
+
 from engram_cli.core.errors import ConfigError
 from engram_cli.model.config import ModelConfig
 from engram_cli.tables.plan import TablePlan, make_plan, vocab_fields
@@ -69,7 +71,7 @@ def engram_dense_params(config: ModelConfig, plan: TablePlan) -> int:
 
 
 def predict_param_counts(config: ModelConfig, plan: TablePlan | None) -> dict[str, int]:
-    """The dict :func:`engram_cli.model.param_counts` returns for ``EngramModel(config, plan)``,
+    """The dict :func:`engram_cli.model.transformer.param_counts` returns for ``EngramModel(config, plan)``,
     computed from the sizes alone (no model is built)."""
     C, V, L, E, k = config.n_embd, config.vocab_size, config.n_layer, config.moe_num_experts, config.moe_top_k
     per_block = (
@@ -188,7 +190,6 @@ def available_memory(device: str = "cpu") -> int | None:
     """Bytes a process can still allocate on ``device``: MemAvailable of /proc/meminfo on a CPU,
     free device memory on CUDA; None when unknown."""
     if device.startswith("cuda"):
-        import torch
 
         return int(torch.cuda.mem_get_info()[0])
     try:

@@ -4,7 +4,7 @@ Three kinds of sweep, each a set of ordinary ``engram train`` runs on the same c
 tokens and seeds (every run directory can be read by ``engram inspect-gates`` and ``engram eval``):
 
 * **allocation** (the paper's Figure 3, arXiv 2601.07372 Section 3): one point per allocation
-  ratio rho at equal total and activated parameters (``engram_cli.budget.allocate``, the
+  ratio rho at equal total and activated parameters (``engram_cli.model.budget.allocate``, the
   ``--allocation`` accounting); rho = 1 (pure MoE) is the reference;
 * **memory** (the paper's Figure 4): the backbone fixed, only the Engram table size changes
   (``[plan] target_size``), beside the backbone without Engram (the reference) and, for
@@ -13,7 +13,7 @@ tokens and seeds (every run directory can be read by ``engram inspect-gates`` an
   the validation loss is fitted by a power law of the table rows;
 * **grid** (the ablations of Section 6): the cartesian product of ``--axis KEY=V1,V2`` over any
   ``engram train --set`` key, the ``[plan]`` keys included (re-planned with
-  ``engram_cli.hashing.replan`` on the tables' vocabulary); the first cell is the reference.
+  ``engram_cli.tables.plan.replan`` on the tables' vocabulary); the first cell is the reference.
 
 Each point is trained once per seed. The summary reports each point's mean and spread (max - min)
 over the seeds and calls a difference from the reference no larger than the spread
@@ -31,10 +31,12 @@ The modules, in dependency order:
 * ``config``: :class:`SweepConfig`, points and runs, reading the option values, the files;
 * ``runner``: a run directory's state, training/resuming/scoring one run, parallel processes;
 * ``summary``: the rows of every run and point, the seed-spread verdict, the power-law fit;
-* ``plots``: the pictures (``engram_cli.plotting``);
+* ``plots``: the pictures (``engram_cli.core.plotting``);
 * ``report``: :func:`sweep` (the command's one library call) and :class:`SweepResult`.
 
 The library never prints.
+
+Imports: ``core`` .. ``train`` and ``eval`` (each run is scored with its library).
 
 >>> res = sweep(SweepConfig(kind="allocation", out=Path("out/sweep"), tables=Path("out/tables"),
 ...                         sources=["corpus/"], config=Path("configs/tiny.toml"), ratios=[1, 0.75],

@@ -1,4 +1,4 @@
-"""The sweep's pictures (drawn through ``engram_cli.plotting``).
+"""The sweep's pictures (drawn through ``engram_cli.core.plotting``).
 
 * ``sweep.png``/``.svg``: validation loss of every run (one marker each), the mean over the seeds
   and a band from the lowest to the highest seed —

@@ -32,8 +32,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import engram_cli
-import engram_cli.errors as errors
+import engram_cli.core.errors as errors
 from engram_cli.core.artifacts import MANIFEST
 from engram_cli.core.errors import ArtifactError, EngramError, Interrupted, TrainingError
 from engram_cli.core.progress import ProgressFn
@@ -148,7 +150,6 @@ def execute(job: Job, progress: ProgressFn | None = None) -> dict[str, Any]:
 def run_inline(jobs: list[Job], threads: int, progress: Callable[[str], ProgressFn],
                on_record: Callable[[dict], None]) -> None:
     """The jobs one after the other in this process, with ``threads`` torch threads."""
-    import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -14,6 +14,8 @@ import math
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from engram_cli.sweep.config import SINGLE_ROW_SLOTS, Point
 
@@ -128,8 +130,6 @@ def power_law_fit(rows: list[dict]) -> dict[str, Any] | None:
 
 def write_tables(runs: list[dict], points: list[dict], runs_path, points_path) -> None:
     """``runs.parquet`` and ``points.parquet``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(runs), runs_path)
     pq.write_table(pa.Table.from_pylist(points), points_path)

@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 
+import torch
+
 from engram_cli.core.errors import EngramError, Interrupted
 from engram_cli.sweep.runner import execute, job_from_json
 
@@ -37,9 +39,6 @@ def main() -> None:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, stop)
     try:
-        import torch
-
-
         torch.set_num_threads(int(sys.argv[1]))
         job = job_from_json(sys.stdin.readline())
 

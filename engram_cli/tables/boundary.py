@@ -11,9 +11,9 @@ N-grams at the start of a document read (``TablePlan.boundary``; ``engram build-
   tokens of a document read the pad id, never the previous document (later production variants).
 
 In both rules the separator belongs to the document it ends, so it is counted and hashed like a
-token. Everything follows the plan's rule: counting (:class:`engram_cli.counting.NgramCounter`),
+token. Everything follows the plan's rule: counting (:class:`engram_cli.tables.counting.NgramCounter`),
 the collision and hot-row figures computed from those counts, and the model's hashing
-(:func:`engram_cli.hashing.hash_ngrams`) in training, ``eval`` and ``inspect-gates``. So the keys
+(:func:`engram_cli.tables.hashing.hash_ngrams`) in training, ``eval`` and ``inspect-gates``. So the keys
 the model hashes over a corpus read as one sequence are exactly the keys build-tables counted
 (``tests/test_boundary.py``). A training window is a sequence of its own: its first tokens read
 the pad id under both rules, as the reference pads every sequence it is given.
@@ -140,7 +140,7 @@ def stream_ngrams_reference(docs: list[np.ndarray], max_n: int, boundary: Bounda
     """The plain reference of what a rule counts: every suffix N-gram of orders 1..max_n at every
     position of ``doc0 [sep] doc1 [sep] ...`` read as the model reads it (pads before the stream,
     and before every document under the document rule). Empty documents are left out, as in the
-    training stream. Slow; tests compare :class:`~engram_cli.counting.NgramCounter` with it."""
+    training stream. Slow; tests compare :class:`~engram_cli.tables.counting.NgramCounter` with it."""
     out: dict[int, list[tuple]] = {n: [] for n in range(1, max_n + 1)}
     stream: list[int] = []
     for doc in docs:
@@ -199,7 +199,7 @@ def restart_after_separators(ids: np.ndarray, out: np.ndarray, separator: int, w
 
 def torch_document_mask(x: Any, separator: int, lag: int) -> Any:
     """:func:`document_mask_reference` in torch ops (any device), for the torch hashing path."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: torch is loaded only where tensors are given; build-tables and normalize-vocab never need it
 
     is_sep = (x == separator).long()
     doc = is_sep.cumsum(dim=1) - is_sep

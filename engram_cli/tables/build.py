@@ -2,10 +2,10 @@
 
 One run reads a corpus through the tokenizer and vocab map of a vocab artifact, counts every
 n-gram of canonical ids (n = 1..max_ngram_size) of the documents joined by their separator under
-the plan's boundary rule (``engram_cli.boundary``), makes the table plan (prime
-sizes per layer, order and head, and the hash multipliers; ``engram_cli.hashing``) and measures
+the plan's boundary rule (``engram_cli.tables.boundary``), makes the table plan (prime
+sizes per layer, order and head, and the hash multipliers; ``engram_cli.tables.hashing``) and measures
 how often the plan's hashing collides on the corpus's distinct n-grams, beside what uniform
-hashing predicts (``engram_cli.collisions``).
+hashing predicts (``engram_cli.tables.collisions``).
 
 Sharded counting: ``shard=(I, N)`` counts only documents whose index % N == I and writes an
 ``engram.ngram_shard`` artifact (counts only, and under pad-start its documents' edges).
@@ -20,7 +20,7 @@ Artifact (``engram.tables``)::
     collisions.parquet      per layer/order/head: measured figures and uniform-hashing predictions
     slot_load.png           slot-load histogram (measured vs predicted)
     collision_sweep.png     collision rate vs table size (with --sweep; + collision_sweep.parquet)
-    hot_rows.parquet        per layer: share of lookups the K hottest rows serve (engram_cli.hotrows)
+    hot_rows.parquet        per layer: share of lookups the K hottest rows serve (engram_cli.tables.hotrows)
     hot_rows.png            the same as a curve, with the cache sizes for 50/90/99%
     manifest.json
 """
@@ -28,12 +28,17 @@ Artifact (``engram.tables``)::
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from engram_cli.core.artifacts import (
     MANIFEST,
@@ -68,9 +73,6 @@ SWEEP_PNG = "collision_sweep.png"
 SWEEP_FILE = "collision_sweep.parquet"
 HOT_ROWS_FILE = "hot_rows.parquet"
 HOT_ROWS_PNG = "hot_rows.png"
-#: what writing an engram.tables artifact imports (loaded during counting: import_in_background)
-_REPORT_MODULES = ("engram_cli.collisions", "engram_cli.collision_plots", "engram_cli.hotrows", "engram_cli.presets",
-                   "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.ticker")
 
 
 @dataclass
@@ -82,10 +84,10 @@ class BuildTablesConfig:
     corpus: CorpusSpec | None = None             # what to read (its shard: count 1/N, write counts only)
     from_shards: list[Path] = field(default_factory=list)  # merge these shard artifacts instead of reading
     tokenizer: str = DEFAULT_TOKENIZER           # must be the tokenizer the vocab was built from
-    preset: str | None = None                    # a published configuration (engram_cli.presets)
+    preset: str | None = None                    # a published configuration (engram_cli.tables.presets)
     plan_only: bool = False                      # plan and memory figures only: no corpus, no counting
     # The plan options: None takes the preset's value (without a preset, the reference demo's, in
-    # brackets); a value given with a preset must agree with it (engram_cli.presets).
+    # brackets); a value given with a preset must agree with it (engram_cli.tables.presets).
     max_ngram_size: int | None = None            # largest n-gram order (3)
     layer_ids: tuple[int, ...] | None = None     # Engram layers ((1, 15))
     n_head_per_ngram: int | None = None          # hash heads per order (8)
@@ -96,7 +98,7 @@ class BuildTablesConfig:
     dtype: str | None = None                     # row storage for memory figures/budget (bf16; hashing.TABLE_DTYPES)
     target_collision_rate: float | None = None   # size each order so uniform hashing collides this often
     memory_budget: int | None = None             # bytes for all tables, at `dtype`
-    boundary: str = "pad-start"                  # document-boundary rule (engram_cli.boundary; the reference's)
+    boundary: str = "pad-start"                  # document-boundary rule (engram_cli.tables.boundary; the reference's)
     eos_token: str = "auto"                      # the separator after every document (train's data.eos_token)
     top_ngrams: int = 20                         # most frequent n-grams listed per order in the report
     sweep: bool = False                          # measure collision rate vs table size and plot it
@@ -270,8 +272,6 @@ def prefetch(iterator, depth: int = 2):
     An exception in the producer is re-raised in the consumer; closing the consumer early stops
     the producer at its next item.
     """
-    import queue
-    import threading
 
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
@@ -306,30 +306,9 @@ def prefetch(iterator, depth: int = 2):
                 thread.join(0.05)
 
 
-def import_in_background(*modules: str) -> None:
-    """Import ``modules`` in a daemon thread, so that libraries needed after counting (Parquet,
-    matplotlib: about a second together) load while the tokenizer runs rather than after it. An
-    import already in progress makes a second import of the module wait for it; a failing import
-    is left for the real one to report."""
-    import importlib
-    import threading
-
-    def run() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - reported where the module is used
-                pass
-
-    threading.Thread(target=run, name="engram-imports", daemon=True).start()
-
-
 def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, sep: tuple[int, int], progress: ProgressFn):
 
     spec = config.corpus
-    # pyarrow imports pandas (when installed) at its first conversion of a NumPy array
-    import_in_background("pyarrow.parquet", "pandas", "pyarrow.pandas_compat",
-                         *(() if config.shard is not None else _REPORT_MODULES))
     fingerprint = corpus_fingerprint(spec)
     stats = CorpusStats()
     counter = NgramCounter(config.max_ngram_size, vocab_size=vocab.canonical_vocab_size, spill_dir=config.spill_dir,
@@ -488,10 +467,7 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
 def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int, int], ngrams, inputs: dict,
                       summary: dict, common: dict, progress: ProgressFn) -> BuildTablesResult:
     """The plan, its collisions and hot rows measured on the counts, the ``engram.tables`` artifact."""
-    from concurrent.futures import ThreadPoolExecutor
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
 
     plan = _make_plan(config, vocab, sep, ngrams)
@@ -570,8 +546,6 @@ def _plan_only(config: BuildTablesConfig, vocab: VocabMap, tok, sep: tuple[int, 
 def _write_reports(w, config: BuildTablesConfig, plan: TablePlan, by_order, counts, top, collisions, hists,
                    progress: ProgressFn) -> list[dict] | None:
     """The artifact's tables and pictures: top n-grams, collision rows, slot loads, the sweep."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
 
     pq.write_table(pa.Table.from_pylist([{"n": n, **asdict(t)} for n, rows in top.items() for t in rows]),

@@ -1,4 +1,4 @@
-"""The pictures of build-tables' collision report, drawn through ``engram_cli.plotting``:
+"""The pictures of build-tables' collision report, drawn through ``engram_cli.core.plotting``:
 collision rate against table size (``--sweep``) and the slot-load histogram of one head."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import os
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from engram_cli.core import plotting
-from engram_cli.tables.collisions import _check_inputs, slot_load_hist
+from engram_cli.tables.collisions import check_inputs, slot_load_hist
 from engram_cli.tables.plan import TablePlan
 
 _FONT_SIZE = 9.0  # these figures are wider than the gate pictures: a larger font keeps them readable
@@ -19,7 +20,6 @@ _FONT_SIZE = 9.0  # these figures are wider than the gate pictures: a larger fon
 def plot_sweep(rows: list[dict[str, Any]], path_png: str | os.PathLike) -> list[str]:
     """Colliding share vs table size per order: measured (markers) and uniform prediction (line).
     Returns the plotting warnings (none expected: the labels are ASCII)."""
-    from matplotlib.ticker import NullFormatter
 
     with plotting.figure(7.0, 4.5, font_size=_FONT_SIZE) as (fig, warnings):
         ax = fig.add_subplot(1, 1, 1)
@@ -56,8 +56,8 @@ def plot_slot_load_histogram(ngrams_by_order: dict[int, np.ndarray], plan: Table
     1/m) = L], computed in log space. Log y axis, so the tail of heavily loaded slots stays
     visible. Returns the plotting warnings.
     """
-    layer = plan.layer_ids[0] if layer_id is None else plan._layer(layer_id)
-    orders = _check_inputs(ngrams_by_order, None, plan)
+    layer = plan.layer_ids[0] if layer_id is None else plan.checked_layer(layer_id)
+    orders = check_inputs(ngrams_by_order, None, plan)
     with plotting.figure(4.2 * max(1, len(orders)), 4.0, font_size=_FONT_SIZE) as (fig, warnings):
         for i, n in enumerate(orders):
             ax = fig.add_subplot(1, len(orders), i + 1)

@@ -1,7 +1,7 @@
 """How often the Engram hash collides on a corpus's distinct N-grams, beside uniform hashing.
 
 Every distinct N-gram of order n is a key; each of the order's heads maps it to a slot of a
-prime-sized table (``engram_cli.hashing``). Keys that share a slot share a table row, so the model
+prime-sized table (``engram_cli.tables.hashing``). Keys that share a slot share a table row, so the model
 sees their sum of updates. Per (layer, order, head) this module measures
 
 * occupied slots, and the share of keys that share their slot with another key ("colliding"),
@@ -17,7 +17,7 @@ apart. Beside each figure is what uniform random hashing of k keys into m slots 
                         independent Poisson(k/m) loads (the usual Poisson approximation)
 * indistinguishable     1 - (1 - prod_j 1/m_j)^(k-1)
 
-The keys are hashed by :func:`engram_cli.hashing.hash_ngrams` itself: a key row of length n, in
+The keys are hashed by :func:`engram_cli.tables.hashing.hash_ngrams` itself: a key row of length n, in
 text order, is a sequence whose last position's order-n suffix is exactly the key. Everything is
 vectorized (``np.bincount`` / ``np.unique``); there is no Python loop over keys.
 """
@@ -199,7 +199,7 @@ class CollisionReport:
 # measuring
 
 
-def _check_inputs(ngrams_by_order: dict[int, np.ndarray], counts_by_order: dict[int, np.ndarray] | None,
+def check_inputs(ngrams_by_order: dict[int, np.ndarray], counts_by_order: dict[int, np.ndarray] | None,
                   plan: TablePlan) -> list[int]:
     orders = sorted(int(n) for n in ngrams_by_order)
     for n in orders:
@@ -251,7 +251,7 @@ def hash_keys(keys: np.ndarray, plan: TablePlan, layer_id: int, n: int) -> np.nd
     one :func:`key_mix` per key, reduced modulo each head's prime (:func:`mix_slots`); equal to
     :func:`hash_keys_reference` (tested). Returned head-major so each head's slots are contiguous.
     """
-    primes = plan.primes[plan._layer(layer_id)][n - 2]
+    primes = plan.primes[plan.checked_layer(layer_id)][n - 2]
     mix = key_mix(keys, plan.multipliers[layer_id])
     out = np.empty((len(primes), mix.shape[0]), dtype=np.int64)     # (H_n, K)
     for j, p in enumerate(primes):
@@ -418,7 +418,7 @@ class TableMeasurement:
 def measure_tables(ngrams_by_order: dict[int, np.ndarray], counts_by_order: dict[int, np.ndarray],
                    plan: TablePlan, progress: ProgressFn | None = None, *,
                    num_threads: int | None = None) -> TableMeasurement:
-    """Collisions (:func:`measure_collisions`), row heat (``engram_cli.hotrows``) and the slot-load
+    """Collisions (:func:`measure_collisions`), row heat (``engram_cli.tables.hotrows``) and the slot-load
     histogram in one pass: every key is mixed once per (layer, order), every head's slots are
     computed once, and the heads run in ``num_threads`` threads (None: the available CPUs; NumPy
     releases the GIL in its loops)."""
@@ -444,7 +444,7 @@ def measure_collisions(ngrams_by_order: dict[int, np.ndarray], counts_by_order: 
 def _measure(ngrams_by_order, counts_by_order, plan: TablePlan, progress: ProgressFn | None, *, heat: bool,
              hist: bool, num_threads: int | None) -> TableMeasurement:
     progress = report(progress)
-    orders = _check_inputs(ngrams_by_order, counts_by_order, plan)
+    orders = check_inputs(ngrams_by_order, counts_by_order, plan)
     total = len(plan.layer_ids) * len(orders)
     result: list[OrderCollisions] = []
     heats: dict[int, list[np.ndarray]] = {layer: [] for layer in plan.layer_ids}
@@ -508,7 +508,7 @@ def measure_collisions_reference(ngrams_by_order: dict[int, np.ndarray], counts_
     """The plain reference of :func:`measure_collisions`: all heads' slots through
     :func:`hash_keys_reference`, each key's slot load looked up per head, the indistinguishable
     keys from :func:`shared_in_all_heads` on the whole [H, K] slot array."""
-    _check_inputs(ngrams_by_order, counts_by_order, plan)
+    check_inputs(ngrams_by_order, counts_by_order, plan)
     result: list[OrderCollisions] = []
     for layer in plan.layer_ids:
         for n in sorted(ngrams_by_order):
@@ -550,8 +550,8 @@ def sweep_collisions(ngrams_by_order: dict[int, np.ndarray], counts_by_order: di
     indistinguishable_share_pred`` (per-head figures are means over the heads; max_load the largest).
     """
     progress = report(progress)
-    layer = plan.layer_ids[0] if layer_id is None else plan._layer(layer_id)
-    _check_inputs(ngrams_by_order, counts_by_order, plan)
+    layer = plan.layer_ids[0] if layer_id is None else plan.checked_layer(layer_id)
+    check_inputs(ngrams_by_order, counts_by_order, plan)
     n_orders = plan.n_orders
     rows = []
     for i, t in enumerate(sizes):
@@ -581,12 +581,12 @@ def sweep_collisions(ngrams_by_order: dict[int, np.ndarray], counts_by_order: di
 
 
 # -----------------------------------------------------------------------------
-# plots (drawn through engram_cli.plotting: matplotlib imported lazily, no pyplot state)
+# plots (drawn through engram_cli.core.plotting: matplotlib imported lazily, no pyplot state)
 
 
 def slot_load_hist(keys: np.ndarray, plan: TablePlan, layer_id: int, n: int, head: int = 0) -> np.ndarray:
     """Slots holding L keys (L = 0..max load) in one head of order n: what the picture shows."""
-    m = plan.primes[plan._layer(layer_id)][n - 2][head]
+    m = plan.primes[plan.checked_layer(layer_id)][n - 2][head]
     slots = mix_slots(key_mix(keys, plan.multipliers[layer_id]), m)
     _, loads = np.unique(slots, return_counts=True)           # loads of the occupied slots
     hist = np.bincount(loads, minlength=1)                    # slots with load L, L = 0..max

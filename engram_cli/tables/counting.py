@@ -1,10 +1,10 @@
 """Exact n-gram counting of a token stream: :class:`NgramCounter` and :func:`count_ngrams`.
 
 Documents of canonical ids go in; every 1..N-gram of the stream they make under a boundary rule
-(``engram_cli.boundary``: a separator after every document, N-grams across it or restarting after
-it; without a rule, only those inside a document) is packed into one integer key (``engram_cli.ngrams.KeyLayout``), buffered, reduced to (key, count) runs by a sort, spilled
-to disk as sorted runs when memory is full and k-way merged at the end (``engram_cli.ngrams``),
-giving an :class:`engram_cli.ngrams.NgramStats`. Counts are exact (tested against
+(``engram_cli.tables.boundary``: a separator after every document, N-grams across it or restarting after
+it; without a rule, only those inside a document) is packed into one integer key (``engram_cli.tables.keys.KeyLayout``), buffered, reduced to (key, count) runs by a sort, spilled
+to disk as sorted runs when memory is full and k-way merged at the end (``engram_cli.tables.keys``),
+giving an :class:`engram_cli.tables.keys.NgramStats`. Counts are exact (tested against
 ``collections.Counter``) and memory stays bounded (``counter_sizes``). Measured throughput and
 peak memory: docs/corpus.md.
 """
@@ -24,15 +24,15 @@ from engram_cli.core.progress import ProgressFn, report
 from engram_cli.tables.boundary import Boundary, boundary_ngrams, split_edges
 from engram_cli.tables.keys import (
     KeyLayout,
-    _concat_chunks,
-    _Run,
-    _write_run,
+    SortedRun,
+    concat_chunks,
     id_bits,
     merge_runs,
     reduce_keys,
     stream_keys,
+    write_run,
 )
-from engram_cli.tables.stats import NgramStats, _sorted_stats
+from engram_cli.tables.stats import NgramStats, sorted_stats
 
 MAX_ORDER = 8                      # highest order counted; orders needing 3+ words are slower
 
@@ -121,8 +121,8 @@ class NgramCounter:
         self._pending_tokens = 0
         self._buffers: dict[int, list[np.ndarray]] = {n: [] for n in self.layouts}
         self._buffered = 0
-        self._memory_runs: dict[int, list[_Run]] = {n: [] for n in self.layouts}
-        self._disk_runs: dict[int, list[_Run]] = {n: [] for n in self.layouts}
+        self._memory_runs: dict[int, list[SortedRun]] = {n: [] for n in self.layouts}
+        self._disk_runs: dict[int, list[SortedRun]] = {n: [] for n in self.layouts}
         self._run_files = 0
         self._finished = False
 
@@ -231,11 +231,11 @@ class NgramCounter:
             keys = parts[0] if len(parts) == 1 else np.concatenate(parts)
             del parts
             if keys.shape[0]:
-                self._memory_runs[n].append(_Run(*reduce_keys(keys)))
+                self._memory_runs[n].append(SortedRun(*reduce_keys(keys)))
             del keys
             if len(self._memory_runs[n]) > _MAX_MEMORY_RUNS:
                 words = self.layouts[n].words
-                self._memory_runs[n] = [_Run(*_concat_chunks(merge_runs(self._memory_runs[n]), words))]
+                self._memory_runs[n] = [SortedRun(*concat_chunks(merge_runs(self._memory_runs[n]), words))]
         self._buffered = 0
         if sum(r.nbytes for runs in self._memory_runs.values() for r in runs) > self.spill_bytes:
             self._spill()
@@ -252,13 +252,13 @@ class NgramCounter:
                     _delete_run(r)
         self.spills += 1
 
-    def _write(self, n: int, chunks) -> _Run:
+    def _write(self, n: int, chunks) -> SortedRun:
         if self._spill_path is None:
             if self._spill_parent is not None:
                 self._spill_parent.mkdir(parents=True, exist_ok=True)
             self._spill_path = Path(tempfile.mkdtemp(prefix="engram-ngrams-", dir=self._spill_parent))
         self._run_files += 1
-        return _write_run(chunks, self._spill_path / f"order{n}-run{self._run_files:05d}", self.layouts[n].words)
+        return write_run(chunks, self._spill_path / f"order{n}-run{self._run_files:05d}", self.layouts[n].words)
 
     # -- output --------------------------------------------------------------------------------
 
@@ -283,19 +283,19 @@ class NgramCounter:
                 progress("merge", n - 1, self.max_n, order=n)
                 if n not in self._keyed:  # 1-grams counted in an array: already unique, in id order
                     ids = np.flatnonzero(self._unigrams).astype(np.uint64)
-                    stats.ngrams[n], stats.counts[n] = _sorted_stats(layout, ids.reshape(-1, 1),
+                    stats.ngrams[n], stats.counts[n] = sorted_stats(layout, ids.reshape(-1, 1),
                                                                      self._unigrams[ids.view(np.int64)])
                     continue
                 runs = self._disk_runs[n] + self._memory_runs[n]
                 if len(runs) == 1 and not runs[0].files:  # one run in memory: nothing to merge
                     keys, counts = runs[0].keys, runs[0].counts
                 else:
-                    keys, counts = _concat_chunks(merge_runs(runs), layout.words, sum(len(r) for r in runs))
+                    keys, counts = concat_chunks(merge_runs(runs), layout.words, sum(len(r) for r in runs))
                 self._disk_runs[n], self._memory_runs[n] = [], []
                 for r in runs:
                     _delete_run(r)
                 del runs
-                stats.ngrams[n], stats.counts[n] = _sorted_stats(layout, keys, counts)
+                stats.ngrams[n], stats.counts[n] = sorted_stats(layout, keys, counts)
             progress("merge", self.max_n, self.max_n)
             return stats
         finally:
@@ -317,7 +317,7 @@ class NgramCounter:
         self.close()
 
 
-def _delete_run(run: _Run) -> None:
+def _delete_run(run: SortedRun) -> None:
     """Unlink a spilled run's files (the mapping stays valid until its arrays are dropped)."""
     for p in run.files:
         p.unlink(missing_ok=True)
@@ -361,7 +361,7 @@ def merge_stats(parts: Sequence[NgramStats]) -> NgramStats:
             keys.append(layout.pack(cross[n]))
             counts.append(np.ones(cross[n].shape[0], np.int64))
         ukeys, ucounts = reduce_keys(np.concatenate(keys), np.concatenate(counts))
-        out.ngrams[n], out.counts[n] = _sorted_stats(layout, ukeys, ucounts)
+        out.ngrams[n], out.counts[n] = sorted_stats(layout, ukeys, ucounts)
     return out
 
 

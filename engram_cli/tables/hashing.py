@@ -38,7 +38,7 @@ def hash_ngrams(canonical_ids: Any, plan: TablePlan, layer_id: int, *,
         integer array or a torch integer tensor on any device. Each row is a sequence: positions
         before its start read ``plan.canonical_pad_id``; under the plan's ``document`` boundary
         rule so do positions before the start of a document (after a separator; see
-        ``engram_cli.boundary``). Ids are not range-checked; ids outside
+        ``engram_cli.tables.boundary``). Ids are not range-checked; ids outside
         [0, V) are hashed with the same wrap-around int64 arithmetic as the reference.
     layer_id: one of ``plan.layer_ids`` (each layer has its own multipliers and primes).
     num_threads: worker threads of the NumPy path (None: up to 4, one per 2 chunks of 32768
@@ -48,10 +48,10 @@ def hash_ngrams(canonical_ids: Any, plan: TablePlan, layer_id: int, *,
     the input (NumPy array, or torch tensor on the input's device). Head h's slot is in
     [0, head_sizes(layer_id)[h]); add ``head_offsets`` to index one concatenated table.
     """
-    mults = plan.multipliers[plan.layer_index(layer_id)]
+    mults = plan.multipliers[plan.checked_layer(layer_id)]
     primes = plan.primes[layer_id]
     if _is_torch(canonical_ids):
-        import torch
+        import torch  # lazy: torch is loaded only where tensors are given; build-tables and normalize-vocab never need it
 
         x = canonical_ids
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
@@ -94,7 +94,7 @@ def hash_ngrams_reference(canonical_ids: np.ndarray, plan: TablePlan, layer_id: 
     ids = np.asarray(canonical_ids, dtype=np.int64)
     ids = ids.reshape(1, -1) if ids.ndim == 1 else ids
     T = ids.shape[1]
-    mults = plan.multipliers[plan.layer_index(layer_id)]
+    mults = plan.multipliers[plan.checked_layer(layer_id)]
     shifted = [ids] + [np.pad(ids, ((0, 0), (k, 0)), constant_values=plan.canonical_pad_id)[:, :T]
                        for k in range(1, plan.max_ngram_size)]
     if plan.restarts:  # the document rule: ids before the document's start read the pad id too

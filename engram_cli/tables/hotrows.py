@@ -9,7 +9,7 @@ table size.
 
 Collisions are accounted for: a row's heat is the summed count of every n-gram hashed into it
 (in that head), so two frequent n-grams sharing a row make one hot row, not two. The counts follow
-the plan's document-boundary rule (``engram_cli.boundary``), so the curve describes the lookups
+the plan's document-boundary rule (``engram_cli.tables.boundary``), so the curve describes the lookups
 the model makes over the corpus read as one stream.
 """
 
@@ -103,7 +103,7 @@ def rows_for_share(heat: np.ndarray, share: float, *, served: np.ndarray | None 
 def hot_row_curves(ngrams_by_order: dict[int, np.ndarray], counts_by_order: dict[int, np.ndarray], plan: TablePlan,
                    progress: ProgressFn | None = None, *, heat: dict[int, np.ndarray] | None = None) -> list[HotRowCurve]:
     """One :class:`HotRowCurve` per Engram layer of ``plan``. ``heat`` (layer -> row heats) when
-    already measured (:attr:`engram_cli.collisions.TableMeasurement.row_heat`), else :func:`row_heat`."""
+    already measured (:attr:`engram_cli.tables.collisions.TableMeasurement.row_heat`), else :func:`row_heat`."""
     progress = report(progress)
     curves = []
     for i, layer in enumerate(plan.layer_ids):

@@ -1,6 +1,6 @@
-"""The fast paths behind :func:`engram_cli.hashing.hash_ngrams`: a chunked, multithreaded NumPy
+"""The fast paths behind :func:`engram_cli.tables.hashing.hash_ngrams`: a chunked, multithreaded NumPy
 kernel and a torch kernel for tensors on a device. Both compute exactly the reference formula
-(``engram_cli.hashing.hash_ngrams_reference``, kept beside ``hash_ngrams``; the tests and
+(``engram_cli.tables.hashing.hash_ngrams_reference``, kept beside ``hash_ngrams``; the tests and
 ``benchmarks/bench_hashing.py`` compare them bit for bit). Measured speed: docs/hashing.md.
 """
 
@@ -126,8 +126,8 @@ def hash_torch(x: Any, mults: tuple[int, ...], primes: tuple[tuple[int, ...], ..
                 separator: int | None = None) -> Any:
     """Torch path (any device): same arithmetic in torch ops. x [T] or [B, T] int64. With a
     ``separator`` (the document rule) ids before a document's start read the pad id too."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # lazy: torch is loaded only where tensors are given; build-tables and normalize-vocab never need it
+    import torch.nn.functional as F  # lazy: torch is loaded only where tensors are given; build-tables and normalize-vocab never need it
 
 
     squeeze = x.dim() == 1

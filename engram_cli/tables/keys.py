@@ -2,7 +2,7 @@
 
 Engram tables (DeepSeek, arXiv 2601.07372, Section 2.2) are addressed by hashed suffix N-grams
 of canonical ids; ``engram build-tables`` sizes and analyzes them from the exact counts computed
-here. Which N-grams a stream of documents has is the plan's boundary rule (``engram_cli.boundary``:
+here. Which N-grams a stream of documents has is the plan's boundary rule (``engram_cli.tables.boundary``:
 the separator after every document is counted, and N-grams reach back across it or restart
 after it); counts without a rule (``NgramStats.boundary`` None) stop at document ends.
 
@@ -260,7 +260,7 @@ def group_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
-class _Run:
+class SortedRun:
     """Sorted unique keys with counts, in memory or memory-mapped from ``spill_dir``."""
 
     keys: np.ndarray    # uint64 [K, W], rows sorted lexicographically, unique
@@ -275,7 +275,7 @@ class _Run:
         return 0 if self.files else self.keys.nbytes + self.counts.nbytes
 
 
-def merge_runs(runs: Sequence[_Run], window: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def merge_runs(runs: Sequence[SortedRun], window: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """k-way merge of sorted runs: yields (keys, counts) chunks, sorted, disjoint, counts summed.
 
     Each step looks at a window of every run, takes from each all keys up to the smallest last
@@ -322,7 +322,7 @@ def merge_runs(runs: Sequence[_Run], window: int | None = None) -> Iterator[tupl
         yield reduce_keys(np.concatenate(parts_k), np.concatenate(parts_c))
 
 
-def _write_run(chunks: Iterable[tuple[np.ndarray, np.ndarray]], base: Path, words: int) -> _Run:
+def write_run(chunks: Iterable[tuple[np.ndarray, np.ndarray]], base: Path, words: int) -> SortedRun:
     """Stream merged chunks to ``base.keys`` / ``base.counts`` and map them back read-only."""
     kpath, cpath = base.with_suffix(".keys"), base.with_suffix(".counts")
     total = 0
@@ -332,13 +332,13 @@ def _write_run(chunks: Iterable[tuple[np.ndarray, np.ndarray]], base: Path, word
             fc.write(np.ascontiguousarray(c, dtype=np.int64).tobytes())
             total += k.shape[0]
     if total == 0:
-        return _Run(np.empty((0, words), np.uint64), np.empty(0, np.int64), (kpath, cpath))
+        return SortedRun(np.empty((0, words), np.uint64), np.empty(0, np.int64), (kpath, cpath))
     keys = np.memmap(kpath, dtype=np.uint64, mode="r", shape=(total, words))
     counts = np.memmap(cpath, dtype=np.int64, mode="r", shape=(total,))
-    return _Run(keys, counts, (kpath, cpath))
+    return SortedRun(keys, counts, (kpath, cpath))
 
 
-def _concat_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]], words: int,
+def concat_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]], words: int,
                    total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All merged chunks as two in-memory arrays. With ``total``, an upper bound of their rows
     (the merged runs' lengths summed), each chunk is copied into arrays of that size as it comes,

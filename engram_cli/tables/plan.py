@@ -167,7 +167,7 @@ class TablePlan:
     # every head's table has exactly one row (size 1, not a prime): every n-gram of an order shares
     # it, so the tables memorize nothing. The capacity-1 control of ``engram sweep memory --slots 1``
     single_row: bool = False
-    # what N-grams at a document's start read (engram_cli.boundary): "pad-start" (the reference:
+    # what N-grams at a document's start read (engram_cli.tables.boundary): "pad-start" (the reference:
     # straight across the separator) or "document" (restart after it); the separator is the
     # ORIGINAL id appended after every document, None in plans from before the rule existed
     # (their counts stop at document ends and include no separator)
@@ -206,7 +206,8 @@ class TablePlan:
         """Heads per layer over all orders: the last dim of :func:`hash_ngrams`'s output."""
         return self.n_orders * self.n_head_per_ngram
 
-    def layer_index(self, layer_id: int) -> int:
+    def checked_layer(self, layer_id: int) -> int:
+        """``layer_id`` itself, once checked to be an Engram layer of this plan (ConfigError if not)."""
         if layer_id not in self.primes:
             raise ConfigError(f"layer {layer_id} has no Engram table in this plan "
                               f"(Engram layers: {', '.join(map(str, self.layer_ids))})")
@@ -214,7 +215,7 @@ class TablePlan:
 
     def head_sizes(self, layer_id: int) -> list[int]:
         """Prime sizes of the layer's heads, flat in output order (order 2's heads first)."""
-        return [p for order in self.primes[self.layer_index(layer_id)] for p in order]
+        return [p for order in self.primes[self.checked_layer(layer_id)] for p in order]
 
     def head_offsets(self, layer_id: int) -> list[int]:
         """Start row of each head in one concatenated table of the layer: [0, p0, p0+p1, ...]."""
@@ -298,7 +299,7 @@ def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_voca
     ``engram_vocab_size``). ``single_row`` gives every head a table of exactly one row instead of
     a prime (target sizes must be 1): the capacity-1 control. Without it the smallest tables are
     the primes 2, 3, 5, 7, ... (no prime twice), which together still tell many n-grams apart.
-    ``boundary`` is the document-boundary rule (``engram_cli.boundary``); ``separator_id`` the
+    ``boundary`` is the document-boundary rule (``engram_cli.tables.boundary``); ``separator_id`` the
     original id after every document and ``canonical_separator_id`` its canonical id (both needed
     by the ``document`` rule). Raises ConfigError for impossible values.
     """

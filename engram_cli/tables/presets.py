@@ -1,6 +1,6 @@
 """Table configurations DeepSeek publishes, by name: ``engram build-tables --preset NAME``.
 
-A preset fixes the options of a table plan (``engram_cli.hashing.make_plan``): Engram layers,
+A preset fixes the options of a table plan (``engram_cli.tables.plan.make_plan``): Engram layers,
 largest n-gram order, heads per order, row width, target table size per head, seed, pad id, and
 the storage type the memory figures are given in. The options a user passes on top must agree
 with the preset: a contradiction is refused, naming both values (a preset is a claim about what a
@@ -34,7 +34,7 @@ class Preset:
     target_size: int | None          # slots per head for every order; None: 5 x the tokenizer's vocabulary
     seed: int = 0
     pad_id: int = 2
-    dtype: str = "bf16"              # storage type of the rows (engram_cli.hashing.TABLE_DTYPES)
+    dtype: str = "bf16"              # storage type of the rows (engram_cli.tables.plan.TABLE_DTYPES)
     published_rows: dict[int, int] = field(default_factory=dict)  # layer -> rows, where published
 
     def plan_options(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Uniform-hashing predictions and table sizing: what random hashing would give, and the table
 sizes that reach a target collision rate or fit a memory budget.
 
-The measured collision figures (``engram_cli.collisions``) are reported beside these predictions;
+The measured collision figures (``engram_cli.tables.collisions``) are reported beside these predictions;
 ``engram build-tables --target-collision-rate`` and ``--memory-budget`` size plans with them.
 """
 

@@ -1,6 +1,6 @@
 """Exact N-gram counts of a corpus: :class:`NgramStats`, its figures and its Parquet files.
 
-What :class:`engram_cli.counting.NgramCounter` produces and ``engram build-tables`` writes under
+What :class:`engram_cli.tables.counting.NgramCounter` produces and ``engram build-tables`` writes under
 ``ngrams/``: per order n, the distinct N-grams (int64 [K, n] canonical ids, oldest first) with
 their counts, sorted by count descending, then by the ids. ``NgramStats.load`` checks the format,
 the columns, the totals and the order of what it reads.
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from engram_cli.core.artifacts import read_json
 from engram_cli.core.errors import ArtifactError, ConfigError
@@ -28,7 +30,7 @@ STATS_FILE = "ngram_stats.json"
 EDGES_FILE = "document_edges.npy"   # sharded pad-start counts only (see NgramStats.edges)
 
 _PARQUET_ROW_GROUP = 1 << 20
-_UNPACK_ROWS = 1 << 20             # keys unpacked to ids per block (_sorted_stats)
+_UNPACK_ROWS = 1 << 20             # keys unpacked to ids per block (sorted_stats)
 
 
 def ngrams_file(n: int) -> str:
@@ -47,7 +49,7 @@ class NgramStats:
     vocab_size: int                     # canonical vocabulary size (ids are 0..vocab_size-1)
     documents: int                      # documents counted
     tokens: int                         # tokens counted (= total(1); separators included)
-    # the document-boundary rule counted under (engram_cli.boundary.Boundary.to_dict()); None:
+    # the document-boundary rule counted under (engram_cli.tables.boundary.Boundary.to_dict()); None:
     # N-grams inside documents only, no separator (counts from before the rule existed)
     boundary: dict[str, Any] | None = None
     # sharded pad-start counts: each document's length and first/last ids (int64 [D, 1 + 2w]),
@@ -110,8 +112,6 @@ class NgramStats:
     def save(self, directory: str | os.PathLike) -> list[Path]:
         """Write ``ngrams_{n}.parquet`` per order (columns ``id_0``..``id_{n-1}``, ``count``)
         and ``ngram_stats.json``. Returns the paths written."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -147,8 +147,6 @@ class NgramStats:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> NgramStats:
         """Read what :meth:`save` wrote, checking the format, the columns and the totals."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
         directory = Path(directory)
         producer = "engram build-tables"
@@ -246,7 +244,7 @@ def order_by_count(counts: np.ndarray) -> np.ndarray:
     return code.view(np.int64)
 
 
-def _sorted_stats(layout: KeyLayout, keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sorted_stats(layout: KeyLayout, keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Key-sorted unique keys -> (int64 [K, n] ids, counts), by count descending then ids."""
     order = order_by_count(counts)  # stable: ties stay in key (= id tuple) order
     ids = np.empty((keys.shape[0], layout.n), dtype=np.int64)

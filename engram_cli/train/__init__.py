@@ -4,18 +4,18 @@ One call of :func:`train` does the whole run:
 
 1. inputs: the tables artifact (its table plan, its vocab map and tokenizer, all
    fingerprint-checked) and the corpus, tokenized once into a cached stream
-   (``engram_cli.data``), split into training and held-out chunks, with the model's compact
+   (``engram_cli.train.data``), split into training and held-out chunks, with the model's compact
    sub-vocabulary;
 2. the model: the base configuration from the config file; with ``allocation`` the routed
    experts and the Engram tables share the base model's sparse budget
-   (``engram_cli.budget.allocate``, paper Section 3) and the derived plan is saved in the run;
+   (``engram_cli.model.budget.allocate``, paper Section 3) and the derived plan is saved in the run;
    without it the tables' plan is used as it is;
 3. optimization: AdamW for the dense parameters (weight decay on matrices only), SparseAdam for
    the Engram tables at ``engram_lr_mult`` (5x) the learning rate and no weight decay (paper
    Section 4 / Appendix A), linear warmup then cosine decay applied to both, dense-gradient
    clipping; bf16 autocast on CUDA, float32 on CPU;
 4. bookkeeping: ``metrics.jsonl``, periodic evaluation, atomic checkpoints
-   (``engram_cli.checkpoint``), the run's ``manifest.json`` kept current; ``resume`` continues
+   (``engram_cli.train.checkpoint``), the run's ``manifest.json`` kept current; ``resume`` continues
    bit-for-bit on the same device and process count;
 5. data parallel under ``torchrun``: every process draws the same global batch and takes a
    disjoint slice; gradients are averaged by :func:`allreduce_gradients`. Only rank 0 writes
@@ -35,6 +35,8 @@ The package, in dependency order:
 * ``curves.py``: the run's loss-curve picture (``loss_curve.png``);
 * ``trainer.py``: :func:`train`, :class:`TrainConfig`, :class:`TrainResult` and the
   :class:`Trainer` whose named steps (setup, train_step, evaluate, save, finish) it runs.
+
+Imports: ``core``, ``vocab``, ``corpus``, ``tables`` and ``model``; never the analysis stages.
 """
 
 from engram_cli.train.curves import LOSS_CURVE_FILE, write_loss_curve

@@ -7,7 +7,7 @@ A run directory keeps its checkpoints under ``ckpt/``::
         optimizer.safetensors   AdamW and SparseAdam state tensors (see below)
         optimizer.json          their non-tensor parts: param groups, step counters, tensor layout
         rng.safetensors         torch CPU generator state (uint8), CUDA states when used, numpy's MT19937 key
-        subvocab.safetensors    ``original_ids``: model id i <-> original id (engram_cli.data.SubVocab)
+        subvocab.safetensors    ``original_ids``: model id i <-> original id (engram_cli.train.data.SubVocab)
         table_plan.json         the plan the model's tables follow (absent for a pure-MoE model)
         state.json              written last: step, data position, config, input fingerprints,
                                 numpy/python RNG states, sha256 and size of every file above
@@ -27,8 +27,8 @@ touched, so for that optimizer 2-D state tensors are stored as the nonzero rows 
 smaller for a short run over big tables.
 
 Loading checks the format, every file's sha256 and that the safetensors parse; anything wrong is
-one :class:`~engram_cli.errors.ArtifactError` naming the checkpoint and the fix. Readers of a run
-directory (inference, resume) go through :func:`engram_cli.runs.load_run`, which reads the
+one :class:`~engram_cli.core.errors.ArtifactError` naming the checkpoint and the fix. Readers of a run
+directory (inference, resume) go through :func:`engram_cli.train.runs.load_run`, which reads the
 checkpoint with :func:`read_checkpoint` and checks that it belongs to the run.
 """
 
@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from engram_cli import __version__
 from engram_cli.core.artifacts import atomic_write_json, check_schema, inside, sha256_file
@@ -66,7 +67,7 @@ STATE_FILE = "state.json"
 
 _FIX = "resume from another checkpoint (delete this one), or start over with --force"
 #: what every state.json holds (what this module writes; the trainer's own fields are checked by
-#: engram_cli.runs.load_run)
+#: engram_cli.train.runs.load_run)
 _STATE_FIELDS = {"files": dict, "rng": dict}
 
 
@@ -166,7 +167,6 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
@@ -288,7 +288,6 @@ class Checkpoint:
     state: dict[str, Any]  # state.json
 
     def _load(self, name: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
 
         try:
             return load_file(str(self.path / name))

@@ -13,6 +13,9 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
+
 from engram_cli.core.errors import ConfigError
 
 
@@ -32,7 +35,6 @@ class Dist:
 
 def resolve_device(spec: str, local_rank: int = 0):
     """``auto`` | ``cpu`` | ``cuda`` -> a torch.device (``cuda:local_rank`` when CUDA is used)."""
-    import torch
 
     if spec not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {spec!r}", "e.g. --device cpu")
@@ -46,7 +48,6 @@ def resolve_device(spec: str, local_rank: int = 0):
 
 def init_distributed(device) -> Dist:
     """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU."""
-    import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -56,7 +57,6 @@ def init_distributed(device) -> Dist:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
-            import torch
 
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
@@ -67,7 +67,6 @@ def init_distributed(device) -> Dist:
 def shutdown(d: Dist) -> None:
     """Leave the process group if :func:`init_distributed` created it."""
     if d.initialized_here:
-        import torch.distributed as dist
 
         dist.destroy_process_group()
 
@@ -75,7 +74,6 @@ def shutdown(d: Dist) -> None:
 def barrier(d: Dist) -> None:
     """Wait for every process (no-op in a single process)."""
     if d.world_size > 1:
-        import torch.distributed as dist
 
         dist.barrier()
 
@@ -83,7 +81,6 @@ def barrier(d: Dist) -> None:
 def broadcast_parameters(model, d: Dist) -> None:
     """Every rank starts from rank 0's weights (they are equal by seed anyway)."""
     if d.world_size > 1:
-        import torch.distributed as dist
 
         for p in model.parameters():
             dist.broadcast(p.data, 0)
@@ -92,7 +89,6 @@ def broadcast_parameters(model, d: Dist) -> None:
 def all_reduce_sum(t, d: Dist) -> None:
     """Sum ``t`` over the processes, in place (no-op in a single process)."""
     if d.world_size > 1:
-        import torch.distributed as dist
 
         dist.all_reduce(t)
 
@@ -102,8 +98,6 @@ def rank_checksums(model, device, d: Dist) -> list[float] | None:
     process. Equal values show that the ranks stayed in lockstep."""
     if d.world_size <= 1:
         return None
-    import torch
-    import torch.distributed as dist
 
     mine = torch.tensor([sum(float(p.detach().double().abs().sum()) for p in model.parameters())],
                         dtype=torch.float64, device=device)
@@ -114,7 +108,6 @@ def rank_checksums(model, device, d: Dist) -> list[float] | None:
 
 def autocast(device):
     """bf16 autocast on CUDA; float32 (no autocast) on CPU."""
-    import torch
 
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -130,8 +123,6 @@ def allreduce_gradients(dense: list, tables: list, world_size: int) -> None:
     padded to the largest count, which is first all-gathered — and sums them into one coalesced
     sparse gradient. Every rank ends with the same gradients (the same sums in the same order).
     """
-    import torch
-    import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense]
     flat = torch.cat([g.reshape(-1) for g in grads])

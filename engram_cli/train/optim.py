@@ -8,6 +8,8 @@ decay.
 
 from __future__ import annotations
 
+import torch
+
 from engram_cli.train.settings import TrainSettings, lr_factor
 
 
@@ -20,7 +22,6 @@ def make_optimizers(model, ts: TrainSettings) -> dict:
     decaying every row each step would also make the update dense). The trainer rescales every
     group's ``lr`` with :func:`apply_schedule` before each step.
     """
-    import torch
 
     dense = model.dense_parameters()
     betas = (ts.beta1, ts.beta2)

@@ -8,7 +8,7 @@
     loss_curve.png    training and validation loss against tokens (written at the end)
     table_plan.json   only when --allocation or [plan] settings made the run's own plan
     tensorboard/      only with --log tensorboard: the same metrics as TensorBoard event files
-    ckpt/             checkpoints (see engram_cli.checkpoint)
+    ckpt/             checkpoints (see engram_cli.train.checkpoint)
 
 Unlike the other stages' artifacts, a run directory is written in place while training (its
 manifest says ``"status": "training"`` until the end); every file in it is written atomically
@@ -223,10 +223,10 @@ def check_log(log: str | None) -> None:
     if log not in LOG_KINDS:
         raise ConfigError(f"unknown --log {log!r}", f"use one of: {', '.join(LOG_KINDS)}")
     try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  lazy: the `tensorboard` extra, only with --log
     except ImportError:
-        raise ConfigError("--log tensorboard needs the tensorboard package, which is not installed",
-                          "pip install tensorboard") from None
+        raise ConfigError("--log tensorboard needs the `tensorboard` extra, which is not installed",
+                          "run `pip install 'engram-cli[tensorboard]'`") from None
 
 
 class TensorBoardLog:
@@ -237,7 +237,7 @@ class TensorBoardLog:
     def __init__(self, out: Path, enabled: bool):
         self.writer = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: the `tensorboard` extra, only with --log
 
             self.writer = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
 

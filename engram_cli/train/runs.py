@@ -7,7 +7,7 @@ Every reader of a run goes through it — ``engram inspect-gates`` now, the trai
 2. the tokenizer and the vocab map, loaded where the run recorded them, each fingerprint checked
    once against the manifest;
 3. the checkpoint at ``step`` (default: the one ``ckpt/latest.json`` names), through
-   :func:`engram_cli.checkpoint.read_checkpoint` (files, sizes and, with ``verify``, sha256);
+   :func:`engram_cli.train.checkpoint.read_checkpoint` (files, sizes and, with ``verify``, sha256);
 4. that the checkpoint belongs to this run: its input fingerprints (table plan, tokenizer, vocab
    map, corpus), its parameter budget and the ``[model]`` / ``[data]`` settings, seed and
    allocation it was trained with are those the run recorded. A checkpoint of another run
@@ -17,7 +17,7 @@ Every reader of a run goes through it — ``engram inspect-gates`` now, the trai
 6. with ``with_model``, the model built from the checkpoint's model config and weights, in eval
    mode on ``device``.
 
-Anything wrong is one :class:`~engram_cli.errors.ArtifactError` naming the file and the fix.
+Anything wrong is one :class:`~engram_cli.core.errors.ArtifactError` naming the file and the fix.
 Checks that belong to one reader stay with it (``inspect-gates`` refuses a run without Engram
 layers; ``--resume`` compares the run with the inputs it is given now).
 

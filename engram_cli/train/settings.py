@@ -3,10 +3,10 @@
 A configuration is read in layers, each on top of the previous (:func:`load_settings`): the
 defaults (or a given base), a TOML file such as ``configs/tiny.toml`` (or a run's
 ``config.json``), then ``--set key=value`` overrides. ``[model]`` is
-:class:`engram_cli.model.ModelConfig`; ``[train]`` is :class:`TrainSettings`; ``[data]`` is
+:class:`engram_cli.model.config.ModelConfig`; ``[train]`` is :class:`TrainSettings`; ``[data]`` is
 :class:`DataSettings`; ``[plan]`` (:class:`PlanSettings`) changes the tables' table plan
 for the run. Unknown sections or keys, wrong types and impossible values raise one-line
-:class:`~engram_cli.errors.ConfigError` s.
+:class:`~engram_cli.core.errors.ConfigError` s.
 
 TOML is parsed with the standard library's ``tomllib`` (Python 3.11+), else with its backport
 ``tomli`` (a dependency on Python 3.10): :func:`toml_module` is the one place that chooses.
@@ -32,9 +32,9 @@ def toml_module() -> types.ModuleType:
     """``tomllib`` (Python >= 3.11), else the ``tomli`` backport it was taken from (same API:
     ``loads``, ``load``, ``TOMLDecodeError``); pyproject.toml requires tomli on Python 3.10."""
     try:
-        import tomllib
+        import tomllib  # chosen per call (not at import): the tests take it away to check the fallback
     except ModuleNotFoundError:
-        import tomli as tomllib
+        import tomli as tomllib  # the backport on Python 3.10
     return tomllib
 
 
@@ -83,10 +83,10 @@ class DataSettings:
     """The ``[data]`` section: reading the corpus, the held-out split and the sub-vocabulary.
 
     ``text_column``, ``doc_mode`` and ``max_tokens`` are the corpus reading options of
-    :class:`engram_cli.corpus.CorpusSpec`; :meth:`corpus_spec` is the one place they go there.
+    :class:`engram_cli.corpus.spec.CorpusSpec`; :meth:`corpus_spec` is the one place they go there.
     """
 
-    # share of the token stream held out for validation (systematic chunks, engram_cli.data)
+    # share of the token stream held out for validation (systematic chunks, engram_cli.train.data)
     val_fraction: float = 0.05
     # tokens per split chunk; must exceed model.block_size so validation windows fit
     val_chunk_tokens: int = 1024

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from engram_cli.core.artifacts import MANIFEST, output_lock, sha256_file, swap_in
 from engram_cli.core.errors import ArtifactError, ConfigError, InputError, Interrupted, TrainingError
@@ -84,8 +85,8 @@ class RunStart:
     """What :func:`train` reports through ``on_start`` before the first step."""
 
     out: Path
-    budget: dict[str, Any]            # parameter counts (engram_cli.model.param_counts) and the allocation
-    data: dict[str, Any]              # engram_cli.data.TrainData.summary()
+    budget: dict[str, Any]            # parameter counts (engram_cli.model.transformer.param_counts) and the allocation
+    data: dict[str, Any]              # engram_cli.train.data.TrainData.summary()
     model_config: dict[str, Any]      # the model's ModelConfig (vocab_size = the sub-vocabulary's)
     plan: dict[str, Any]              # the manifest's plan entry (engram_cli.train.run.plan_record)
     device: str
@@ -165,7 +166,7 @@ def _new_run_request(config: TrainConfig) -> tuple[TrainConfig, Settings]:
 def _resumed_run_request(config: TrainConfig, out: Path):
     """The request completed with what the run recorded: its inputs, options and settings
     (``--set`` may change only RESUME_MUTABLE keys), and its latest checkpoint, read through the
-    one run loader (``engram_cli.runs.load_run``: manifest, config, checkpoint files and hashes,
+    one run loader (``engram_cli.train.runs.load_run``: manifest, config, checkpoint files and hashes,
     the checkpoint belongs to this run, tokenizer and vocab fingerprints)."""
 
     loaded = load_run(out, with_model=False, vocab_dir=config.vocab)
@@ -230,7 +231,7 @@ class Trainer:
         self.config, self.settings, self.device, self.d = config, settings, device, d
         self.progress, self.t_start = progress, t_start
         self.out = Path(config.out)
-        self.resumed = resumed  # engram_cli.checkpoint.Checkpoint to continue from, or None
+        self.resumed = resumed  # engram_cli.train.checkpoint.Checkpoint to continue from, or None
         self.ts, self.ds = settings.train, settings.data
         self.warnings: list[str] = []
 
@@ -309,7 +310,6 @@ class Trainer:
     def _build_model(self) -> None:
         """The model configuration and plan (split by --allocation or the tables' own), the batches,
         the seeded model and its parameter budget."""
-        import torch
 
 
         config, ts, d = self.config, self.ts, self.d
@@ -459,7 +459,6 @@ class Trainer:
 
     def train_step(self, step_index: int) -> StepStats:
         """One optimizer step on the global batch of ``step_index`` (this rank's slice of it)."""
-        import torch
 
         d, device, step = self.d, self.device, step_index + 1
         lr = apply_schedule(self.optimizers, self.ts, step_index)
@@ -497,7 +496,6 @@ class Trainer:
         row = None
         if step % ts.log_interval == 0 or step % ts.eval_interval == 0 or step == ts.steps:
             if self.device.type == "cuda":
-                import torch
 
                 torch.cuda.synchronize()
             now = time.perf_counter()
@@ -527,7 +525,6 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean LM loss per token on the fixed held-out batches (all ranks' shares together)."""
-        import torch
 
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)

