@@ -128,10 +128,10 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", dies_on_the_second_file)
+    monkeypatch.setattr(checkpoint, "save_file", dies_on_the_second_file)
     with pytest.raises(OSError, match="disk full"):
         save(tmp_path, 6, model, opts)
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.setattr(checkpoint, "save_file", real)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest.json", "step_000003"]
     ck = checkpoint.read_checkpoint(tmp_path)
     assert ck.step == 3
