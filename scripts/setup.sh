@@ -2,7 +2,8 @@
 # Create a virtual environment and install engram into it.
 #
 #   bash scripts/setup.sh          # the project and what the pipeline needs
-#   bash scripts/setup.sh --test   # also what the test suite needs
+#   bash scripts/setup.sh --test   # also what the test suite needs (the test extra)
+#   ENGRAM_EXTRAS=hf,tensorboard bash scripts/setup.sh   # optional extras (hf: datasets/hub inputs)
 #
 # The venv is ./.venv (override with ENGRAM_VENV=DIR). PyTorch is chosen for the machine before
 # the project is installed, so that pip never pulls a multi-GB CUDA build onto a CPU machine:
@@ -16,8 +17,9 @@ cd "$(dirname "$0")/.."
 
 VENV="${ENGRAM_VENV:-.venv}"
 TORCH_VERSION="${ENGRAM_TORCH_VERSION:-2.13.0}"
-EXTRA=""
-[[ "${1:-}" == "--test" ]] && EXTRA="[test]"
+EXTRAS="${ENGRAM_EXTRAS:-}"
+[[ "${1:-}" == "--test" ]] && EXTRAS="test${EXTRAS:+,$EXTRAS}"
+EXTRA="${EXTRAS:+[$EXTRAS]}"
 
 [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
@@ -37,11 +39,18 @@ fi
 
 # Gate pictures label Chinese tokens: without a CJK font they show boxes (inspect-gates warns).
 # Best effort, main job only: as root on Debian/Ubuntu, install a small one if none is present.
-if [[ -z "$EXTRA" && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1 \
+if [[ "${1:-}" != "--test" && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1 \
         && ! (command -v fc-list >/dev/null 2>&1 && fc-list :lang=zh 2>/dev/null | grep -q .); then
     (apt-get update -qq && apt-get install -y -qq fonts-wqy-microhei) >/dev/null 2>&1 \
         && echo "setup: installed a CJK font (fonts-wqy-microhei)" >&2 || echo "setup: no CJK font installed (optional)" >&2
 fi
 
-"${PIP[@]}" install -e ".$EXTRA" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+# pip's exit status decides (a dependency that does not install stops the setup here, loudly);
+# only its noise about the venv location is filtered out of what it printed.
+if ! "${PIP[@]}" install -e ".$EXTRA" > "$VENV/pip-install.log" 2>&1; then
+    grep -v "^WARNING: Location" "$VENV/pip-install.log" >&2
+    echo "setup: installing engram$EXTRA failed (pip's output above, also in $VENV/pip-install.log)" >&2
+    exit 1
+fi
+grep -v "^WARNING: Location" "$VENV/pip-install.log" >&2 || true
 "$PY" -c "import engram_cli, torch; print(f'setup: engram {engram_cli.__version__} with torch {torch.__version__} in $VENV')" >&2

@@ -4,7 +4,7 @@ Documents of canonical ids go in; every 1..N-gram of the stream they make under 
 (``engram_cli.tables.boundary``: a separator after every document, N-grams across it or restarting after
 it; without a rule, only those inside a document) is packed into one integer key (``engram_cli.tables.keys.KeyLayout``), buffered, reduced to (key, count) runs by a sort, spilled
 to disk as sorted runs when memory is full and k-way merged at the end (``engram_cli.tables.keys``),
-giving an :class:`engram_cli.tables.keys.NgramStats`. Counts are exact (tested against
+giving an :class:`engram_cli.tables.stats.NgramStats`. Counts are exact (tested against
 ``collections.Counter``) and memory stays bounded (``counter_sizes``). Measured throughput and
 peak memory: docs/corpus.md.
 """

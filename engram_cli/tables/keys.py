@@ -1,32 +1,22 @@
-"""Exact N-gram counts of canonical token ids, in bounded memory, and their statistics.
+"""N-gram keys: packing canonical ids into integer keys, reducing keys to sorted (key, count)
+runs, and merging runs — the building blocks of exact counting (:mod:`engram_cli.tables.counting`
+puts them together: buffering, spilling to disk, the final merge).
 
-Engram tables (DeepSeek, arXiv 2601.07372, Section 2.2) are addressed by hashed suffix N-grams
-of canonical ids; ``engram build-tables`` sizes and analyzes them from the exact counts computed
-here. Which N-grams a stream of documents has is the plan's boundary rule (``engram_cli.tables.boundary``:
-the separator after every document is counted, and N-grams reach back across it or restart
-after it); counts without a rule (``NgramStats.boundary`` None) stop at document ends.
+1. **Keys** (:class:`KeyLayout`, :func:`stream_keys`). Every id fits in
+   ``bits = ceil(log2(vocab_size))`` bits, so ``64 // bits`` ids pack into one uint64 word, the
+   oldest id in the highest bits. An N-gram of order n is a row of ``ceil(n / (64 // bits))``
+   words; comparing rows word by word is comparing the id tuples lexicographically. With
+   DeepSeek's canonical vocabulary (17 bits) orders 1-3 take one word, orders 4-6 two.
+2. **Reduction** (:func:`reduce_keys`, with the plain :func:`reduce_keys_lexsort` beside it).
+   Keys become unique keys with counts, sorted. Two-word keys are sorted through 64-bit codes
+   (``_reduce_two_words``: order 4 of a 17-bit vocabulary is 68 bits, sorted as 16 buckets of
+   64-bit codes), several times faster than ``np.lexsort``; three or more words fall back to it.
+3. **Runs** (:class:`SortedRun`, :func:`write_run`, :func:`concat_chunks`): a reduced block in
+   memory or spilled to disk and read back through ``np.memmap``.
+4. **Merge** (:func:`merge_runs`): a k-way merge that holds one window of each run at a time:
+   all keys up to the smallest window end are combined and emitted, so memory is bounded by the
+   windows, not the corpus.
 
-How the counting works (external sort with run merging, all vectorized in NumPy):
-
-1. **Keys.** Every id fits in ``bits = ceil(log2(vocab_size))`` bits, so ``64 // bits`` ids pack
-   into one uint64 word, the oldest id in the highest bits. An N-gram of order n is a row of
-   ``ceil(n / (64 // bits))`` words; comparing rows word by word is comparing the id tuples
-   lexicographically. With DeepSeek's canonical vocabulary (17 bits) orders 1-3 take one word,
-   orders 4-6 two.
-2. **Runs.** ``add`` queues documents; every ~1M tokens their keys are computed for all orders
-   at once over the concatenated ids (a mask drops N-grams that cross a boundary) and appended
-   to a per-order buffer. When ``buffer_tokens`` keys are buffered, each order's buffer is
-   reduced to unique keys with counts, sorted: a *run*.
-3. **Spilling.** When the runs held in memory exceed ``spill_bytes``, each order's runs are
-   merged into one run written to ``spill_dir`` and read back later through ``np.memmap``.
-4. **Merge.** ``finish`` merges each order's runs with a k-way merge that holds one window of
-   each run at a time: all keys up to the smallest window end are combined and emitted, so
-   memory is bounded by the windows, not the corpus. The result is sorted by count, descending,
-   then by the ids (a deterministic order) and unpacked to int64 [K, n] arrays.
-
-Two-word keys are sorted through 64-bit codes (see ``_reduce_two_words``: order 4 of a 17-bit
-vocabulary is 68 bits, sorted as 16 buckets of 64-bit codes), several times faster than
-``np.lexsort``; orders needing three or more words fall back to ``np.lexsort``.
 ``tests/test_ngrams.py`` checks every path against ``collections.Counter``.
 """
 
