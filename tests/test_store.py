@@ -25,7 +25,7 @@ from engram_cli.model.store import (
     store_files,
 )
 from engram_cli.tables.plan import make_plan
-from engram_cli.train.deltas import delta_paths, read_delta, replay, write_delta
+from engram_cli.train.deltas import delta_paths, read_delta, replay, rollback, write_delta
 from engram_cli.train.prefetch import Prefetcher, gather_working_set, working_rows
 from engram_cli.train.rowopt import RowAdam, RowwiseAdagrad, make_row_optimizer
 
@@ -415,3 +415,23 @@ def test_a_tampered_or_foreign_delta_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match="corrupt"):  # verified before any row is written
         replay(fresh, paths)
     assert fresh.dirty_rows().size == 0 and fresh.materialized_blocks() == 0
+
+
+def test_rollback_returns_a_killed_runs_store_to_its_last_checkpoint(tmp_path):
+    live = store("mmap", tmp_path)
+    paths = train_with_deltas(live, tmp_path)
+    every = np.arange(live.rows)
+    at_checkpoint = (live.gather(every), live.gather_state("m", every), live.gather_state("v", every))
+    rng = np.random.default_rng(5)  # steps after the last checkpoint, then the process dies (no mark_clean)
+    for t in (8, 9):
+        rows = np.unique(rng.integers(0, 200, 80))  # block 0 only
+        ADAM.apply(live, rows, rng.standard_normal((rows.size, D)).astype(np.float32), lr=0.01, step=t)
+    live.close()
+    reopened = store("mmap", tmp_path)
+    assert not np.array_equal(reopened.gather(every), at_checkpoint[0])
+    assert reopened.dirty_blocks().tolist() == [0]
+    assert rollback(reopened, paths) == 1  # one block reset and re-played, the others left as they were
+    assert np.array_equal(reopened.gather(every), at_checkpoint[0])
+    assert np.array_equal(reopened.gather_state("m", every), at_checkpoint[1])
+    assert np.array_equal(reopened.gather_state("v", every), at_checkpoint[2])
+    reopened.close()

@@ -21,6 +21,9 @@ they go into is the checkpoint's (its own atomicity is the checkpoint module's).
 verifies each delta's size and sha256, that it belongs to the store's table (layer, plan, shape,
 state) and that the chain has no gap (each ``since`` is the previous ``step``) before it writes a
 row; anything else is one ArtifactError.
+
+After a killed run, :func:`rollback` returns the live store itself to its last checkpoint without
+rebuilding it: only the blocks its persisted DIRTY flags name are reset and re-played.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import safetensors.numpy as stn
 
 from engram_cli.core.artifacts import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file
 from engram_cli.core.errors import ArtifactError
-from engram_cli.model.store import RowStore
+from engram_cli.model.store import RowStore, initial_rows
 
 DELTA_FORMAT = "engram.rowstore_delta"
 DELTA_VERSION = 1
@@ -137,3 +140,37 @@ def replay(base: RowStore, deltas: list[str | os.PathLike], *, since: int | None
         base.scatter(rows, arrays["values"])
     base.mark_clean()
     return base
+
+
+def rollback(store: RowStore, deltas: list[str | os.PathLike]) -> int:
+    """Bring a writable store that a killed run left back to its last checkpoint, in place.
+
+    The blocks flagged DIRTY in the store's block map (written since the last ``mark_clean``;
+    persisted by the ``mmap`` backend) are reset to their initial rows and zero state, then the
+    rows of the full delta chain ``deltas`` (from a fresh store, oldest first) that fall in them
+    are written again. Every other block already equals the checkpoint. Returns the blocks reset.
+    """
+    loaded, expect = [], None
+    for path in deltas:  # verify the whole chain before changing a byte
+        rec, arrays = read_delta(path, store)
+        if rec.get("since") != expect:
+            raise ArtifactError(f"the delta {path} follows step {rec.get('since')}, but the chain is at step {expect} "
+                                "(a delta is missing or out of order)", _FIX)
+        expect = rec.get("step")
+        loaded.append(arrays)
+    spec = store.spec
+    blocks = store.dirty_blocks()
+    for b in blocks.tolist():
+        lo, hi = b * spec.block_rows, min((b + 1) * spec.block_rows, spec.rows)
+        rows = np.arange(lo, hi, dtype=np.int64)
+        store.scatter(rows, initial_rows(spec.seed, spec.layer_id, rows, spec.dim, spec.init_std, spec.block_rows))
+        for name, width in spec.state:
+            store.scatter_state(name, rows, np.zeros((rows.size, width), np.float32))
+    for arrays in loaded:
+        pick = np.isin(arrays["rows"] // spec.block_rows, blocks)
+        rows = arrays["rows"][pick]
+        for name in store.state_names:
+            store.scatter_state(name, rows, arrays[f"state.{name}"][pick])
+        store.scatter(rows, arrays["values"][pick])
+    store.mark_clean()
+    return int(blocks.size)
