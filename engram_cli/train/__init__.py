@@ -30,6 +30,9 @@ The package, in dependency order:
 * ``distributed.py``: the device and the process group (:class:`Dist`, :func:`resolve_device`,
   :func:`init_distributed`, :func:`allreduce_gradients`, :func:`barrier`);
 * ``optim.py``: AdamW + SparseAdam (:func:`make_optimizers`) and the schedule applied to them;
+* ``rowopt.py``, ``prefetch.py``, ``deltas.py``: the row store's optimizers (``adam``,
+  ``rowwise-adagrad``), a step's working set and its background prefetch, delta checkpoints
+  (not used by the trainer yet; see docs/training.md, "Tables larger than memory");
 * ``run.py``: the run directory (``manifest.json``, ``config.json``, ``metrics.jsonl``, the
   optional TensorBoard log);
 * ``curves.py``: the run's loss-curve picture (``loss_curve.png``);
