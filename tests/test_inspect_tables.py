@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from engram_cli import inspect_tables as I
 from engram_cli.cli import app
-from engram_cli.inspect_tables import rows as R
 from engram_cli.core.errors import ArtifactError, ConfigError
+from engram_cli.inspect_tables import rows as R
 from engram_cli.tables.build import NGRAMS_DIR, load_tables
 from engram_cli.tables.hashing import hash_ngrams
 from engram_cli.tables.stats import NgramStats
