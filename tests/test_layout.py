@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "engram_cli"
 
 #: the pipeline, left to right: a package may import its own modules and those of packages to its left
-ORDER = {"core": 0, "vocab": 1, "corpus": 2, "tables": 3, "model": 4, "train": 5, "gates": 6, "eval": 6,
+ORDER = {"core": 0, "vocab": 1, "corpus": 2, "tables": 3, "model": 4, "train": 5, "gates": 6, "eval": 6, "inspect_tables": 6,
          "sweep": 7, "commands": 8, "cli": 9, "__main__": 10}
 
 #: third-party packages whose import is slow enough to keep inside the functions that need them

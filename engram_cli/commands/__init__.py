@@ -15,7 +15,7 @@ loads no heavy package; nothing in the library imports the commands.
 
 from types import ModuleType
 
-from engram_cli.commands import build_tables, inspect_gates, normalize_vocab, sweep, train
+from engram_cli.commands import build_tables, inspect_gates, inspect_tables, normalize_vocab, sweep, train
 from engram_cli.commands import eval as eval_
 
 #: (command name, module, function) in pipeline order
@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, ModuleType, object]] = [
     ("train", train, train.train_command),
     ("inspect-gates", inspect_gates, inspect_gates.inspect_gates_command),
     ("eval", eval_, eval_.eval_command),
+    ("inspect-tables", inspect_tables, inspect_tables.inspect_tables_command),
     ("sweep", sweep, sweep.sweep_command),  # a group: its subcommands are sweep.app's
 ]
 

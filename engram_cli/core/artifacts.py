@@ -42,6 +42,7 @@ FORMATS: dict[str, tuple[int, str]] = {
     "engram.run": (1, "engram train"),
     "engram.gates": (1, "engram inspect-gates --out DIR"),
     "engram.eval": (1, "engram eval --out DIR"),
+    "engram.tables_inspection": (1, "engram inspect-tables --out DIR"),
     "engram.sweep": (1, "engram sweep"),
 }
 
