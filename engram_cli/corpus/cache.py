@@ -5,8 +5,9 @@ The stream is saved as ``stream.npy`` in ``<cache_dir>/tokens-<key>/`` and memor
 reads. ``key`` is a sha256 of the corpus content fingerprint (:func:`corpus_fingerprint`: file
 contents and reading options), the tokenizer and vocab-map fingerprints, ``max_tokens`` and the
 end-of-document id, so a second reader of the same inputs skips the tokenizer and any change to
-them makes a new entry. ``engram build-tables`` fills it while counting; ``engram train``, ``eval``
-and ``sweep`` read it.
+them makes a new entry. ``engram build-tables`` fills it in the tokenizer pass that counts
+(:class:`TokenCacheWriter`) and counts from it when the entry exists (:func:`iter_cached_documents`);
+``engram train``, ``eval`` and ``sweep`` read it.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ Sharded counting: ``shard=(I, N)`` counts only documents whose index % N == I an
 ``from_shards=[...]`` merges shard artifacts into exactly the statistics of one run over the
 whole corpus, then plans and measures as usual.
 
+Token cache: the tokenizer pass that counts also writes the corpus's token stream to the token
+cache (``engram_cli.corpus.cache``), keyed as ``engram train`` keys it, so train on the same
+inputs does not tokenize again; an existing entry is counted from instead of the tokenizer.
+Shards neither write nor read it (a shard's stream is not the corpus's).
+
 Artifact (``engram.tables``)::
 
     table_plan.json         the plan `engram train` builds its model from
