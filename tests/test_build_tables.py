@@ -49,7 +49,9 @@ def sample_tables(tmp_path_factory, vocab_dir) -> Path:
 
 def test_cli_end_to_end_writes_exactly_these_files(sample_tables):
     assert files(sample_tables) == TABLE_FILES
-    assert [p.name for p in sample_tables.parent.iterdir()] == ["tables"]  # no temp dirs left
+    # no temp dirs left; beside the tables, the token cache `engram train` reads (one entry)
+    assert sorted(p.name for p in sample_tables.parent.iterdir()) == [".engram-cache", "tables"]
+    assert [p.name.startswith("tokens-") for p in (sample_tables.parent / ".engram-cache").iterdir()] == [True]
 
 
 def test_manifest_and_plan(sample_tables, vocab, deepseek):

@@ -79,6 +79,8 @@ def build_tables_command(
     spill_dir: Annotated[Optional[Path], typer.Option("--spill-dir", metavar="DIR", help="Where partial counts spill to disk (default: a temp dir).")] = None,
     memory_limit: Annotated[Optional[str], typer.Option("--memory-limit", metavar="SIZE", help="Memory for counting: key buffers and the sorted runs kept before they spill to --spill-dir, e.g. 2GB (default: 8M-token buffers, 1 GiB of runs). The counts themselves come on top.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads for the tokenizer and for measuring collisions (default: all CPUs).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", metavar="DIR", help="Token cache the counting pass fills for `engram train` (default: .engram-cache next to --out, as train's).")] = None,
+    cache_tokens: Annotated[bool, typer.Option("--cache-tokens/--no-cache-tokens", help="Write the tokenized corpus (4 bytes a token) to the token cache so `engram train` on it skips the tokenizer; count from it when it is there already. Shards never do.")] = True,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
@@ -111,7 +113,7 @@ def build_tables_command(
         memory_budget=parse_bytes(memory_budget) if memory_budget else None,
         dtype=dtype, boundary=boundary, eos_token=eos_token, top_ngrams=top_ngrams, sweep=sweep, spill_dir=spill_dir,
         memory_limit=parse_bytes(memory_limit, "--memory-limit") if memory_limit else None, threads=threads,
-        force=force)
+        cache_dir=cache_dir, cache_tokens=cache_tokens, force=force)
     run_command(build_tables, config, render, json_out=json_out, quiet=quiet, rate_key="tokens")
 
 
@@ -150,6 +152,10 @@ def render_corpus(result) -> None:
     out.print(f"[bold]Corpus[/] {result.documents:,} documents, {result.tokens:,} tokens "
               f"[dim]({result.tokens_per_second:,.0f} tokens/s; {len(result.skipped_files)} files skipped; "
               f"{result.bad_records:,} bad records skipped)[/]")
+    if result.token_cache is not None:
+        c = result.token_cache
+        out.print(f"[dim]token cache[/] {c['dir']}/{c['entry']} "
+                  f"[dim]({'counted from it, no tokenizer pass' if c['hit'] else '`engram train` reads it'})[/]")
     t = Table(title="Distinct n-grams per order", title_justify="left")
     for col in ("n", "occurrences", "distinct", "seen once", "twice", "3-10×", ">10×", "top-100 cover", "top-10k cover"):
         t.add_column(col, justify="right")

@@ -5,17 +5,20 @@ The stream is saved as ``stream.npy`` in ``<cache_dir>/tokens-<key>/`` and memor
 reads. ``key`` is a sha256 of the corpus content fingerprint (:func:`corpus_fingerprint`: file
 contents and reading options), the tokenizer and vocab-map fingerprints, ``max_tokens`` and the
 end-of-document id, so a second reader of the same inputs skips the tokenizer and any change to
-them makes a new entry. ``engram build-tables`` fills it while counting; ``engram train``, ``eval``
-and ``sweep`` read it.
+them makes a new entry. ``engram build-tables`` fills it in the tokenizer pass that counts
+(:class:`TokenCacheWriter`) and counts from it when the entry exists (:func:`iter_cached_documents`);
+``engram train``, ``eval`` and ``sweep`` read it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,29 +68,49 @@ def default_cache_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir).resolve().parent / ".engram-cache"
 
 
+def entry_path(cache_dir: str | os.PathLike, key: str) -> Path:
+    """The entry directory of ``key`` under ``cache_dir`` (present or not); refuses a ``cache_dir``
+    that is a file."""
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise InputError(f"token cache path {cache_dir} is a file, not a directory",
+                         "pass a directory as --cache-dir (it is created if missing)")
+    return cache_dir / f"tokens-{key[:20]}"
+
+
 def load_or_build_token_cache(spec, tokenizer, vocab, cache_dir: str | os.PathLike, *, eos_id: int,
                               corpus_fp: dict[str, Any] | None = None,
                               progress: ProgressFn | None = None) -> TokenCache:
     """Return the cached stream for (corpus, tokenizer, vocab, max_tokens, EOS), tokenizing on a miss.
 
     ``spec`` is a :class:`engram_cli.corpus.spec.CorpusSpec`, ``tokenizer`` a ``LoadedTokenizer``,
-    ``vocab`` the ``VocabMap`` (only its fingerprint enters the key). A new entry is written to a
-    temp directory and renamed into place, so a crash never leaves a half-written entry and two
-    runs building the same entry at once both end with a complete one.
+    ``vocab`` the ``VocabMap`` (only its fingerprint enters the key). A miss is written through a
+    :class:`TokenCacheWriter`: a crash never leaves a half-written entry and two runs building the
+    same entry at once both end with a complete one.
     """
 
     progress = report(progress)
     corpus_fp = corpus_fp if corpus_fp is not None else corpus_fingerprint(spec)
     key = cache_key(corpus_fp, tokenizer.fingerprint, vocab.fingerprint, spec.max_tokens, eos_id)
-    cache_dir = Path(cache_dir)
-    if cache_dir.exists() and not cache_dir.is_dir():
-        raise InputError(f"token cache path {cache_dir} is a file, not a directory",
-                         "pass a directory as --cache-dir (it is created if missing)")
-    entry = cache_dir / f"tokens-{key[:20]}"
-    cached = _open_entry(entry, key)
+    cached = _open_entry(entry_path(cache_dir, key), key)
     if cached is not None:
         return cached
-    return _build_entry(spec, tokenizer, entry, key, eos_id, progress)
+    with TokenCacheWriter(cache_dir, key, eos_id, tokenizer.fingerprint) as writer:
+        stats = CorpusStats()
+        for docs in iter_tokenized(spec, tokenizer.tokenizer, stats=stats, progress=progress):
+            writer.add(docs)
+        return writer.commit(stats)
+
+
+def cache_dir_holding(key: str, default: str | os.PathLike, *others: str | os.PathLike | None) -> Path:
+    """The first of ``default, *others`` that holds an entry for ``key`` (its meta file: loading
+    verifies the rest), else ``default``, where a miss is then built. ``engram train`` passes the
+    directory the tables' build-tables filled as another, so a run whose ``--out`` is elsewhere
+    (a sweep's runs) still reads the stream build-tables wrote."""
+    for d in (default, *others):
+        if d is not None and Path(d).is_dir() and (entry_path(d, key) / CACHE_META).is_file():
+            return Path(d)
+    return Path(default)
 
 
 def find_token_cache(cache_dir: str | os.PathLike, key: str) -> TokenCache | None:
@@ -95,7 +118,7 @@ def find_token_cache(cache_dir: str | os.PathLike, key: str) -> TokenCache | Non
     never tokenizes. Readers of a finished run (``engram eval``) find its exact training stream
     this way without needing the corpus files."""
     cache_dir = Path(cache_dir)
-    return _open_entry(cache_dir / f"tokens-{key[:20]}", key) if cache_dir.is_dir() else None
+    return _open_entry(entry_path(cache_dir, key), key) if cache_dir.is_dir() else None
 
 
 def _open_entry(entry: Path, key: str) -> TokenCache | None:
@@ -117,47 +140,117 @@ def _open_entry(entry: Path, key: str) -> TokenCache | None:
                       eos_id=int(meta["eos_id"]), hit=True, stats=meta.get("corpus_stats", {}))
 
 
-def _build_entry(spec, tokenizer, entry: Path, key: str, eos_id: int, progress: ProgressFn) -> TokenCache:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
-    try:
-        stats = CorpusStats()
-        # Two passes over a growing list of arrays would hold the corpus twice; instead append to
-        # a raw file and wrap it in a .npy header at the end.
-        raw = tmp / "stream.raw"
-        n_tokens = n_docs = 0
-        eos = np.array([eos_id], dtype=np.int32)
-        with open(raw, "wb") as f:
-            for docs in iter_tokenized(spec, tokenizer.tokenizer, stats=stats, progress=progress):
-                for ids in docs:
-                    if len(ids) == 0:
-                        continue
-                    f.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
-                    f.write(eos.tobytes())
-                    n_tokens += len(ids) + 1
-                    n_docs += 1
-        _raw_to_npy(raw, tmp / STREAM_FILE, n_tokens)
-        raw.unlink()
-        meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "tokens": n_tokens,
-                "stream_sha256": sha256_file(tmp / STREAM_FILE),
-                "documents": n_docs, "eos_id": eos_id, "tokenizer": tokenizer.fingerprint,
+class TokenCacheWriter:
+    """Writes one cache entry from the tokenized documents handed to it batch by batch, so that
+    whoever tokenizes the corpus (:func:`load_or_build_token_cache`, or ``engram build-tables``
+    while it counts) fills the cache in the same pass, without holding the corpus in memory.
+
+    The ids go to a raw file in a temp directory beside the entry; :meth:`commit` wraps them in a
+    ``.npy`` header, writes ``meta.json`` and renames the directory into place. Leaving the
+    ``with`` block without a commit (an error, an interrupt) removes the temp directory: no partial
+    entry is ever visible under the entry's name.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, key: str, eos_id: int, tokenizer_fp: str) -> None:
+        self.entry = entry_path(cache_dir, key)
+        self.key, self.eos_id, self.tokenizer_fp = key, eos_id, tokenizer_fp
+        self.tokens = self.documents = 0
+        self._made_dir = not self.entry.parent.exists()  # removed again if nothing is committed
+        self.entry.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.entry.name}.tmp-", dir=self.entry.parent))
+        self._raw = self._tmp / "stream.raw"
+        self._file = open(self._raw, "wb")  # noqa: SIM115 - closed by commit / close
+
+    def __enter__(self) -> TokenCacheWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def add(self, docs: list[np.ndarray]) -> None:
+        """Append one batch of documents (ORIGINAL ids each), every non-empty one followed by the
+        end-of-document id; an empty document adds nothing (as it adds no separator when counted)."""
+        parts: list[np.ndarray] = []
+        eos = np.array([self.eos_id], dtype=np.int32)
+        for ids in docs:
+            if len(ids) == 0:
+                continue
+            parts += [np.asarray(ids, dtype=np.int32), eos]
+            self.tokens += len(ids) + 1
+            self.documents += 1
+        if parts:
+            self._file.write(np.concatenate(parts).tobytes())
+
+    def commit(self, stats: CorpusStats) -> TokenCache:
+        """Finish the entry (``stats``: the corpus reading figures of the pass) and return it."""
+        self._file.close()
+        _raw_to_npy(self._raw, self._tmp / STREAM_FILE, self.tokens)
+        self._raw.unlink()
+        meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": self.key, "tokens": self.tokens,
+                "stream_sha256": sha256_file(self._tmp / STREAM_FILE),
+                "documents": self.documents, "eos_id": self.eos_id, "tokenizer": self.tokenizer_fp,
                 "corpus_stats": stats.to_dict()}
-        atomic_write_json(tmp / CACHE_META, meta)
+        atomic_write_json(self._tmp / CACHE_META, meta)
+        entry = self.entry
         try:
-            os.rename(tmp, entry)
+            os.rename(self._tmp, entry)
         except OSError:
             # another process finished the same entry first (or a damaged one is in the way)
-            if _open_entry(entry, key) is None:
+            if _open_entry(entry, self.key) is None:
                 shutil.rmtree(entry, ignore_errors=True)
-                os.rename(tmp, entry)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    cached = _open_entry(entry, key)
-    if cached is None:  # pragma: no cover - only if the file system lost what we just wrote
-        raise ArtifactError(f"token cache entry {entry} could not be read back", "check the --cache-dir disk")
-    cached.hit = False
-    return cached
+                os.rename(self._tmp, entry)
+        self.close()
+        cached = _open_entry(entry, self.key)
+        if cached is None:  # pragma: no cover - only if the file system lost what we just wrote
+            raise ArtifactError(f"token cache entry {entry} could not be read back", "check the --cache-dir disk")
+        cached.hit = False
+        return cached
+
+    def close(self) -> None:
+        """Drop what was not committed (nothing after a commit), and the cache directory if this
+        writer made it and it is still empty."""
+        self._file.close()
+        if self._tmp.exists():
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            if self._made_dir:
+                with contextlib.suppress(OSError):  # not empty: another writer's entry is there
+                    self.entry.parent.rmdir()
+
+
+def iter_cached_documents(cache: TokenCache, chunk_tokens: int = 1 << 23) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The cached stream as the documents it was made of: per chunk of about ``chunk_tokens``
+    tokens, (their ids one after another without the end-of-document ids, each document's length).
+
+    Only exact where :func:`splits_into_documents` holds; a chunk ends after a whole document.
+    """
+    s, eos = cache.stream, cache.eos_id
+    n, start = int(s.shape[0]), 0
+    while start < n:
+        end = min(start + chunk_tokens, n)
+        while True:
+            chunk = np.asarray(s[start:end])
+            ends = np.flatnonzero(chunk == eos)
+            if ends.size or end == n:
+                break
+            end = min(end + chunk_tokens, n)  # one document longer than a chunk
+        if not ends.size:  # pragma: no cover - a stream always ends with the end-of-document id
+            raise ArtifactError(f"token cache entry {cache.path} does not end a document", "delete the entry")
+        chunk = chunk[: ends[-1] + 1]
+        keep = np.ones(chunk.shape[0], dtype=bool)
+        keep[ends] = False
+        yield chunk[keep], np.diff(ends, prepend=-1) - 1
+        start += int(ends[-1]) + 1
+
+
+def splits_into_documents(cache: TokenCache, chunk_tokens: int = 1 << 23) -> bool:
+    """Whether the stream's end-of-document ids are exactly its documents' ends: no document held
+    the id in its own text and no document was empty (an empty one leaves no trace in the stream)."""
+    if int(cache.stats.get("documents", -1)) != cache.documents:
+        return False
+    s, n = cache.stream, int(cache.stream.shape[0])
+    found = sum(int(np.count_nonzero(np.asarray(s[i:i + chunk_tokens]) == cache.eos_id))
+                for i in range(0, n, chunk_tokens))
+    return found == cache.documents
 
 
 def _raw_to_npy(raw: Path, out: Path, n: int) -> None:

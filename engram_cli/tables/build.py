@@ -12,6 +12,11 @@ Sharded counting: ``shard=(I, N)`` counts only documents whose index % N == I an
 ``from_shards=[...]`` merges shard artifacts into exactly the statistics of one run over the
 whole corpus, then plans and measures as usual.
 
+Token cache: the tokenizer pass that counts also writes the corpus's token stream to the token
+cache (``engram_cli.corpus.cache``), keyed as ``engram train`` keys it, so train on the same
+inputs does not tokenize again; an existing entry is counted from instead of the tokenizer.
+Shards neither write nor read it (a shard's stream is not the corpus's).
+
 Artifact (``engram.tables``)::
 
     table_plan.json         the plan `engram train` builds its model from
@@ -50,6 +55,15 @@ from engram_cli.core.artifacts import (
 )
 from engram_cli.core.errors import ArtifactError, ConfigError, InputError
 from engram_cli.core.progress import ProgressFn, report
+from engram_cli.corpus.cache import (
+    TokenCache,
+    TokenCacheWriter,
+    cache_key,
+    default_cache_dir,
+    find_token_cache,
+    iter_cached_documents,
+    splits_into_documents,
+)
 from engram_cli.corpus.spec import CorpusSpec, CorpusStats
 from engram_cli.corpus.stream import corpus_fingerprint, empty_corpus_error, iter_tokenized
 from engram_cli.tables.boundary import Boundary, check_rule
@@ -107,6 +121,8 @@ class BuildTablesConfig:
                                                  # buffers, 1 GiB of runs; counting.counter_sizes)
     threads: int | None = None                   # threads measuring collisions (None: the available CPUs)
     batch_size: int = 1024                       # documents per tokenizer batch (see docs/corpus.md)
+    cache_dir: Path | None = None                # token cache (default <out>/../.engram-cache, as train's)
+    cache_tokens: bool = True                    # write the token stream there for train (4 bytes a token)
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -123,7 +139,7 @@ class BuildTablesConfig:
 
     def resolved(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("vocab", "out", "spill_dir"):
+        for k in ("vocab", "out", "spill_dir", "cache_dir"):
             d[k] = str(d[k]) if d[k] is not None else None
         d["from_shards"] = [str(p) for p in self.from_shards]
         d["layer_ids"] = list(self.layer_ids)
@@ -162,6 +178,7 @@ class BuildTablesResult:
     published_rows: dict[int, dict[str, int]] = field(default_factory=dict)  # preset: plan vs published rows
     hot_rows: list[HotRowCurve] = field(default_factory=list)  # per layer: lookups served by the K hottest rows
     hot_row_lines: list[str] = field(default_factory=list)     # the curves in words, at the config's dtype
+    token_cache: dict[str, Any] | None = None  # the token cache entry written or read: key, dir, entry, hit
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("kind", "documents", "tokens", "bad_records", "seconds",
@@ -170,6 +187,7 @@ class BuildTablesResult:
         d["hot_rows"] = [{"layer": c.layer, "rows": c.rows, "lookups": c.lookups, "used_rows": c.used_rows,
                           "rows_for": {str(s): n for s, n in c.rows_for.items()}} for c in self.hot_rows]
         d["hot_row_lines"] = self.hot_row_lines
+        d["token_cache"] = self.token_cache
         d["out"] = str(self.out)
         d["skipped_files"] = [list(x) for x in self.skipped_files]
         d["top"] = {str(n): [asdict(t) for t in rows] for n, rows in self.top.items()}
@@ -191,6 +209,12 @@ class TablesArtifact:
     vocab: VocabMap
     tokenizer_fingerprint: str
     tokenizer_spec: str
+
+    @property
+    def token_cache_dir(self) -> Path | None:
+        """The token cache directory build-tables filled while counting (None: shards, or none written)."""
+        recorded = self.manifest.get("summary", {}).get("token_cache")
+        return Path(recorded["dir"]) if isinstance(recorded, dict) and recorded.get("dir") else None
 
 
 def load_tables(directory: str | os.PathLike, vocab_dir: str | os.PathLike | None = None) -> TablesArtifact:
@@ -306,25 +330,85 @@ def prefetch(iterator, depth: int = 2):
                 thread.join(0.05)
 
 
-def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, sep: tuple[int, int], progress: ProgressFn):
+@dataclass
+class CorpusCount:
+    """What counting a corpus gave: the counts, the reading figures, the corpus fingerprint, and the
+    token cache entry it wrote or read (None: a shard, or ``cache_tokens`` off)."""
+
+    ngrams: Any                        # NgramCounter.finish(): the exact counts
+    stats: CorpusStats
+    fingerprint: dict[str, Any]        # corpus_fingerprint: what the manifest records
+    token_cache: dict[str, Any] | None  # {"key", "dir", "entry", "hit"}
+
+
+def token_cache_dir(config: BuildTablesConfig) -> Path:
+    """``--cache-dir``, or train's default rule applied to ``--out`` (``<out>/../.engram-cache``),
+    so that ``out/tables`` and ``out/run`` share ``out/.engram-cache``."""
+    return Path(config.cache_dir) if config.cache_dir is not None else default_cache_dir(config.out)
+
+
+def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, sep: tuple[int, int],
+                  progress: ProgressFn) -> CorpusCount:
+    """Count the corpus's n-grams. The one tokenizer pass also writes the token cache entry
+    ``engram train`` reads for the same corpus, tokenizer, vocab, max_tokens and separator; where
+    that entry exists already, the counts come from it and the tokenizer does not run."""
 
     spec = config.corpus
     fingerprint = corpus_fingerprint(spec)
-    stats = CorpusStats()
     counter = NgramCounter(config.max_ngram_size, vocab_size=vocab.canonical_vocab_size, spill_dir=config.spill_dir,
                            boundary=Boundary(config.boundary, sep[1], int(vocab.table[config.pad_id])),
                            keep_edges=config.shard is not None,
                            **counter_sizes(config.memory_limit, config.max_ngram_size, vocab.canonical_vocab_size))
-    batches = iter_tokenized(spec, tok.tokenizer, stats=stats, batch_size=config.batch_size, progress=progress)
-    for batch in prefetch(batches):
-        # one step per batch, not per document; tokenizer ids are always < vocab size, so the
-        # table is indexed without a range check
-        lengths = np.fromiter((a.shape[0] for a in batch), dtype=np.int64, count=len(batch))
-        counter.add_batch(vocab.table[np.concatenate(batch)] if batch else np.zeros(0, np.int64), lengths)
-    if stats.tokens == 0:
-        raise empty_corpus_error(spec, stats)
+    # a shard's stream is not the corpus's (train never reads it): shards neither read nor write the cache
+    caching = config.cache_tokens and config.shard is None
+    key = cache_key(fingerprint, tok.fingerprint, vocab.fingerprint, spec.max_tokens, sep[0]) if caching else None
+    cache_dir = token_cache_dir(config)
+    cached = find_token_cache(cache_dir, key) if key is not None else None
+    read_cache = cached is not None and splits_into_documents(cached)
+    if read_cache:
+        stats = _count_cached(cached, counter, vocab, progress)
+    else:  # tokenize; write the entry unless it exists (one train made, that cannot be split into documents)
+        stats = CorpusStats()
+        batches = iter_tokenized(spec, tok.tokenizer, stats=stats, batch_size=config.batch_size, progress=progress)
+        writer = TokenCacheWriter(cache_dir, key, sep[0], tok.fingerprint) if key and cached is None else None
+        try:
+            for batch in prefetch(batches):
+                if writer is not None:
+                    writer.add(batch)  # the same ids, on to the cache file
+                # one step per batch, not per document; tokenizer ids are always < vocab size, so the
+                # table is indexed without a range check
+                lengths = np.fromiter((a.shape[0] for a in batch), dtype=np.int64, count=len(batch))
+                counter.add_batch(vocab.table[np.concatenate(batch)] if batch else np.zeros(0, np.int64), lengths)
+            if stats.tokens == 0:
+                raise empty_corpus_error(spec, stats)
+            if writer is not None:
+                cached = writer.commit(stats)
+        finally:
+            if writer is not None:
+                writer.close()
     ngrams = counter.finish(progress=progress)
-    return ngrams, stats, fingerprint
+    record = None if key is None else {"key": key, "dir": str(cache_dir.resolve()), "entry": cached.path.name,
+                                       "hit": read_cache}
+    return CorpusCount(ngrams=ngrams, stats=stats, fingerprint=fingerprint, token_cache=record)
+
+
+def _count_cached(cache: TokenCache, counter: NgramCounter, vocab: VocabMap, progress: ProgressFn) -> CorpusStats:
+    """Count from a token cache entry instead of the tokenizer; the reading figures are the ones
+    recorded when the entry was made."""
+    recorded = cache.stats
+    stats = CorpusStats(documents=int(recorded.get("documents", 0)), tokens=int(recorded.get("tokens", 0)),
+                        files=int(recorded.get("files", 0)), bytes=int(recorded.get("bytes", 0)),
+                        documents_seen=int(recorded.get("documents_seen", 0)),
+                        skipped_files=[(d["path"], d["reason"]) for d in recorded.get("skipped_files", [])],
+                        bad_records=int(recorded.get("bad_records", 0)),
+                        bad_record_examples=[(d["where"], d["reason"])
+                                             for d in recorded.get("bad_record_examples", [])])
+    total, done = int(cache.stream.shape[0]), 0
+    for ids, lengths in iter_cached_documents(cache):
+        counter.add_batch(vocab.table[ids], lengths)
+        done += ids.shape[0] + lengths.shape[0]
+        progress("read cache", done, total, documents=counter.documents)
+    return stats
 
 
 def separator_ids(config: BuildTablesConfig, tok, vocab: VocabMap) -> tuple[int, int]:
@@ -440,19 +524,23 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
     if config.from_shards:
         ngrams, shard_inputs = _merge_shards(config, vocab, sep, progress)
         corpus_input: dict[str, Any] = {"shards": shard_inputs}
+        token_cache = None  # nothing tokenized: the shards were
         skipped: list = []
         bad_records = 0
     else:
-        ngrams, stats, corpus_input = _count_corpus(config, tok, vocab, sep, progress)
-        skipped = [tuple(x) for x in stats.skipped_files]
-        bad_records = stats.bad_records
+        counted = _count_corpus(config, tok, vocab, sep, progress)
+        ngrams, corpus_input, token_cache = counted.ngrams, counted.fingerprint, counted.token_cache
+        skipped = [tuple(x) for x in counted.stats.skipped_files]
+        bad_records = counted.stats.bad_records
     seconds = time.perf_counter() - t0
     tokens = int(ngrams.tokens)
     orders = _order_rows(ngrams, config.max_ngram_size)
     inputs = {"tokenizer": tok.describe(), "vocab": vocab_input, "corpus": corpus_input}
     common = dict(documents=int(ngrams.documents), tokens=tokens, skipped_files=skipped, bad_records=bad_records,
-                  seconds=seconds, tokens_per_second=tokens / seconds if seconds else 0.0, orders=orders)
-    summary = {"documents": common["documents"], "tokens": tokens, "bad_records": bad_records}
+                  seconds=seconds, tokens_per_second=tokens / seconds if seconds else 0.0, orders=orders,
+                  token_cache=token_cache)
+    summary = {"documents": common["documents"], "tokens": tokens, "bad_records": bad_records,
+               "token_cache": token_cache}
 
     if config.shard is not None:
         with artifact_dir(config.out, "engram.ngram_shard", force=config.force) as w:

@@ -29,7 +29,7 @@ import torch
 from engram_cli.core.artifacts import MANIFEST, output_lock, sha256_file, swap_in
 from engram_cli.core.errors import ArtifactError, ConfigError, InputError, Interrupted, TrainingError
 from engram_cli.core.progress import ProgressFn, report
-from engram_cli.corpus.cache import default_cache_dir, load_or_build_token_cache
+from engram_cli.corpus.cache import cache_dir_holding, cache_key, default_cache_dir, load_or_build_token_cache
 from engram_cli.corpus.stream import corpus_fingerprint
 from engram_cli.model.budget import allocate, check_train_memory
 from engram_cli.model.config import ModelConfig
@@ -294,7 +294,11 @@ class Trainer:
 
         ds, d = self.ds, self.d
         eos_id = find_eos_id(self.tok.tokenizer, ds.eos_token)
-        self.cache_dir = Path(self.config.cache_dir) if self.config.cache_dir else default_cache_dir(self.out)
+        if self.config.cache_dir:
+            self.cache_dir = Path(self.config.cache_dir)
+        else:  # the default, or where build-tables left this very stream (a run whose --out is elsewhere)
+            key = cache_key(self.corpus_fp, self.tok.fingerprint, self.vocab.fingerprint, self.spec.max_tokens, eos_id)
+            self.cache_dir = cache_dir_holding(key, default_cache_dir(self.out), self.tables.token_cache_dir)
         args = (self.spec, self.tok, self.vocab, self.cache_dir)
         if d.main:
             cache = load_or_build_token_cache(*args, eos_id=eos_id, corpus_fp=self.corpus_fp, progress=self.progress)
