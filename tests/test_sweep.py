@@ -550,6 +550,38 @@ def test_a_refused_device_leaves_nothing_behind(tmp_path, tiny_tables):
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
+def test_what_a_sweep_directory_holds(tmp_path):
+    """A killed sweep is recognized by what it holds (sweep_dir_state), a directory of anything
+    else never is."""
+    from engram_cli.sweep.report import CORRUPT, EMPTY, FOREIGN, SWEEP, UNMARKED, sweep_dir_state
+
+    d = tmp_path / "s"
+    assert sweep_dir_state(d)[0] == EMPTY
+    d.mkdir()
+    assert sweep_dir_state(d)[0] == EMPTY
+    (d / ".manifest.json.x1y2.tmp").write_text("{")  # killed inside the first atomic write
+    assert sweep_dir_state(d)[0] == UNMARKED
+    (d / "runs" / "rho=1--seed=0" / "ckpt").mkdir(parents=True)
+    (d / "runs" / ".rho=1--seed=0.lock").write_text("123")  # the run's lock, left by SIGKILL
+    assert sweep_dir_state(d)[0] == UNMARKED
+    (d / "manifest.json").write_text('{"format": "engram.sweep", "runs"')
+    assert sweep_dir_state(d)[0] == CORRUPT and "JSON" in sweep_dir_state(d)[1]
+    (d / "manifest.json").write_text('{"format": "engram.sweep", "config": {}}')
+    assert sweep_dir_state(d) == (CORRUPT, "its 'runs' is missing or not what engram wrote")
+    (d / "manifest.json").write_text('{"format": "engram.sweep", "config": {}, "runs": {}}')
+    assert sweep_dir_state(d)[0] == SWEEP
+    (d / "manifest.json").write_text('{"format": "engram.run"}')
+    assert sweep_dir_state(d) == (FOREIGN, "a 'engram.run' artifact")
+    (d / "manifest.json").unlink()
+    (d / "notes.txt").write_text("mine")
+    assert sweep_dir_state(d)[0] == FOREIGN
+    (d / "notes.txt").unlink()
+    (d / "runs" / "notes.txt").write_text("mine")
+    assert sweep_dir_state(d)[0] == FOREIGN
+    (d / "manifest.json").write_text("{")
+    assert sweep_dir_state(d)[0] == FOREIGN  # a corrupt manifest beside files of others: not ours
+
+
 # ---------------------------------------------------------------------------------------------
 # a sweep killed with SIGKILL at any instant continues with the same command
 
@@ -725,8 +757,8 @@ def test_stop_all_terminates_every_worker_and_kills_a_stubborn_one(tmp_path, mon
 
 @pytest.mark.slow
 def test_a_worker_that_dies_mid_sweep_stops_the_others_and_keeps_finished_runs(tmp_path, tiny_tables, monkeypatch):
-    """Real runs with --jobs 2; the worker of rho=1--seed=1 is SIGKILLed once rho=1--seed=0 has
-    finished: one error line, the other running worker stopped, the finished run kept and not
+    """Real runs with --jobs 2; the worker of rho=1--seed=1 is SIGKILLed once the sweep recorded
+    rho=1--seed=0 finished: one error line, the other running worker stopped, the finished run kept and not
     trained again by the rerun."""
     out, pids = tmp_path / "s", tmp_path / "pids"
     pids.mkdir()
@@ -737,10 +769,10 @@ line = sys.stdin.readline()
 open(os.path.join({str(pids)!r}, str(os.getpid())), "w").close()
 if json.loads(line)["name"] == "rho=1--seed=1":
     print(json.dumps({{"kind": "progress", "task": "train", "completed": 0, "total": 2, "info": {{}}}}), flush=True)
-    done = os.path.join({str(out)!r}, "runs", "rho=1--seed=0", "manifest.json")
+    sweep_manifest = os.path.join({str(out)!r}, "manifest.json")  # the sweep has the first run's record
     for _ in range(2400):
         try:
-            if json.load(open(done))["summary"]["status"] == "finished":
+            if json.load(open(sweep_manifest))["runs"]["rho=1--seed=0"]["status"] == "finished":
                 break
         except (OSError, ValueError, KeyError):
             pass
@@ -752,7 +784,7 @@ main()
 """)
     monkeypatch.setattr(R.ParallelRuns, "WORKER", (str(script),))
     args = ["sweep", "allocation", *TINY_RUN_CORPUS, "-T", str(tiny_tables), "--ratios", "1,0.5", "--seeds", "0,1",
-            *sets(), "--threads", "1", "--no-eval", "--cache-dir", str(tmp_path / "cache"), "-o", str(out)]
+            *sets(), "--threads", "1", "--no-eval", "--cache-dir", str(tmp_path / "cache"), "-o", str(out), "--quiet"]
     one_red_line(invoke(*args, "--jobs", "2"), "the process of run rho=1--seed=1 died", "rerun the same command")
     assert not any(Path(f"/proc/{p.name}").exists() for p in pids.iterdir())  # every worker ended
     manifest = json.loads((out / "manifest.json").read_text())

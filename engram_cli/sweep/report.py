@@ -235,8 +235,9 @@ def sweep_dir_state(out: Path) -> tuple[str, str]:
     FOREIGN (anything else: never written to, never replaced)."""
     if not out.is_dir() or not any(out.iterdir()):
         return EMPTY, ""
+    runs = out / RUNS_DIR  # run directories, and the hidden locks, caches and staging beside them
     ours = all(_sweep_entry(p.name) for p in out.iterdir()) and \
-        (not (out / RUNS_DIR).exists() or all(p.is_dir() for p in (out / RUNS_DIR).iterdir()))
+        (not runs.exists() or all(p.is_dir() or p.name.startswith(".") for p in runs.iterdir()))
     if not (out / MANIFEST).exists():
         return (UNMARKED, "") if ours else (FOREIGN, "")
     try:

@@ -211,6 +211,7 @@ class ParallelRuns:
         self.n, self.threads, self.progress, self.on_record = n, threads, progress, on_record
         self.messages: queue_mod.Queue = queue_mod.Queue()
         self.running: dict[str, subprocess.Popen] = {}
+        self.readers: list[threading.Thread] = []
         self.warm = False  # a run got past reading its data: the token cache exists
 
     def run(self, jobs: list[Job]) -> None:
@@ -222,6 +223,7 @@ class ParallelRuns:
                 self._next_message()
         except BaseException:
             self._stop_all()
+            self._keep_finished()
             raise
 
     def _start(self, job: Job) -> None:
@@ -233,7 +235,9 @@ class ParallelRuns:
         p.stdin.write(job_to_json(job) + "\n")
         p.stdin.close()
         self.running[job.name] = p
-        threading.Thread(target=self._read, args=(job.name, p), daemon=True).start()
+        reader = threading.Thread(target=self._read, args=(job.name, p), daemon=True)
+        reader.start()
+        self.readers.append(reader)
 
     def _read(self, name: str, p: subprocess.Popen) -> None:
         """Every message line of one worker into the queue; then its end (exit code)."""
@@ -272,6 +276,19 @@ class ParallelRuns:
         else:
             raise TrainingError(f"run {name} crashed: {msg['message']}",
                                 "rerun with --jobs 1 and ENGRAM_DEBUG=1 to see where")
+
+    def _keep_finished(self) -> None:
+        """Record the runs that finished while the sweep was stopping (their ``done`` message was
+        still in the queue), so that the manifest lists every finished run."""
+        for reader in self.readers:
+            reader.join(timeout=5)
+        while True:
+            try:
+                _, msg = self.messages.get_nowait()
+            except queue_mod.Empty:
+                return
+            if msg["kind"] == "done":
+                self.on_record(msg["record"])
 
     def _stop_all(self) -> None:
         """Stop every running run (SIGTERM: it records where it stopped) and wait for them."""
