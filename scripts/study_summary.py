@@ -5,8 +5,9 @@
 Reads the sweep directories (`allocation/`, `memory/`, `ablation/`: their checked manifests and
 `points.parquet` / `runs.parquet`) and the knockout evaluation (`knockout/buckets.parquet`), and
 prints one table per experiment: each point's mean validation loss over the seeds with its range,
-the difference to the reference point and the verdict (a difference within the seeds' spread is
-"no difference"), bits per byte, and the knockout's loss increase per bucket.
+the difference to the reference point, the range verdict (a difference within the seeds' spread is
+"no difference"), the paired verdict (the runs of one seed paired: their mean difference with a 95%
+t-interval, or a sign count below 3 seeds), bits per byte, and the knockout's loss increase per bucket.
 """
 
 from __future__ import annotations
@@ -34,17 +35,30 @@ def _f(v, digits: int = 3, sign: bool = False) -> str:
     return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
 
 
+def _paired(p: dict) -> str:
+    """The paired difference: its mean with the 95% t-interval, or with the sign count (a sweep
+    written before the paired view has neither)."""
+    if p.get("paired_delta_mean") is None or p.get("paired_verdict") == "reference":
+        return "—"
+    if p.get("paired_delta_ci95_low") is None:
+        return f"{_f(p['paired_delta_mean'], sign=True)} ({p['paired_sign_count']})"
+    return (f"{_f(p['paired_delta_mean'], sign=True)} [{_f(p['paired_delta_ci95_low'], sign=True)}, "
+            f"{_f(p['paired_delta_ci95_high'], sign=True)}]")
+
+
 def sweep_table(directory: Path, title: str) -> list[str]:
     manifest = read_manifest(directory, "engram.sweep")
     points = _rows(directory / "points.parquet")
     lines = [f"### {title}", "", f"`{directory}`: {manifest['summary']['runs']} runs, "
              f"{manifest['summary'].get('seconds', 0):.0f} s for the last call", "",
-             "| point | seeds | table rows | total / activated params | val loss mean | min – max | Δ vs reference | verdict | bits/byte |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| point | seeds | table rows | total / activated params | val loss mean | min – max | Δ vs reference "
+             "| range verdict | paired Δ [95% CI] | paired verdict | bits/byte |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p['point']} | {p['seeds']} | {p['table_rows']:,} | {p['total_params'] / 1e6:.2f}M / "
                      f"{p['activated_params'] / 1e6:.2f}M | {_f(p['val_loss_mean'])} | {_f(p['val_loss_min'])} – "
-                     f"{_f(p['val_loss_max'])} | {_f(p['delta_vs_reference'], sign=True)} | {p['verdict']} | "
+                     f"{_f(p['val_loss_max'])} | {_f(p['delta_vs_reference'], sign=True)} | "
+                     f"{p.get('range_verdict', p.get('verdict'))} | {_paired(p)} | {p.get('paired_verdict', '—')} | "
                      f"{_f(p['bits_per_byte_mean'])} |")
     fit = manifest["summary"].get("fit")
     if fit:

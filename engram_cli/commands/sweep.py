@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 
@@ -50,76 +53,110 @@ Log = Annotated[Optional[str], typer.Option("--log", metavar="tensorboard", help
                                             "events (needs `pip install tensorboard`).")]
 
 
+@dataclass
+class SweepOptions:
+    """The options every kind of sweep takes, defined once: :func:`with_sweep_options` adds them
+    to each subcommand's signature and hands the command one of these."""
+
+    corpus: Corpus
+    tables: Tables
+    out: Out
+    config: Config = None
+    set_: Sets = None
+    seeds: Seeds = "0"
+    jobs: Jobs = 1
+    threads: Threads = None
+    evaluate: Evaluate = True
+    eval_windows: EvalWindows = None
+    device: Device = "auto"
+    cache_dir: CacheDir = None
+    log: Log = None
+    force: Force = False
+    json_out: Json = False
+    quiet: Quiet = False
+
+    def run(self, kind: str, **values) -> None:
+        """Build the sweep's config (``values``: the kind's own: ratios, slots or axes), call the
+        library and render its result."""
+        from engram_cli.commands.render import run_command
+        from engram_cli.sweep import SweepConfig, parse_seeds, sweep
+
+        cfg = SweepConfig(kind=kind, out=self.out, tables=self.tables, sources=list(self.corpus), config=self.config,
+                          overrides=list(self.set_ or []), seeds=parse_seeds(self.seeds), jobs=self.jobs,
+                          threads=self.threads, evaluate=self.evaluate, eval_windows=self.eval_windows,
+                          device=self.device, cache_dir=self.cache_dir, log=self.log, force=self.force, **values)
+        run_command(sweep, cfg, render, json_out=self.json_out, quiet=self.quiet)
+
+
+def with_sweep_options(command):
+    """``command(options: SweepOptions, **own)`` -> a Typer command taking the corpus, ``--tables``
+    and ``--out``, then its own options, then the rest of :class:`SweepOptions`."""
+    hints = get_type_hints(SweepOptions, include_extras=True)
+    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                                default=inspect.Parameter.empty if f.default is MISSING else f.default)
+              for f in fields(SweepOptions)]
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+           for p in list(inspect.signature(command, eval_str=True).parameters.values())[1:]]
+    names = [f.name for f in fields(SweepOptions)]
+
+    @functools.wraps(command)
+    def typer_command(**kwargs) -> None:
+        command(SweepOptions(**{n: kwargs.pop(n) for n in names}), **kwargs)
+
+    typer_command.__signature__ = inspect.Signature([*shared[:3], *own, *shared[3:]])
+    return typer_command
+
+
 @app.callback()
 def sweep_command() -> None:
     """Train many runs at controlled budgets and summarize them: does the memory pay, and where?
 
-    allocation: one point per allocation ratio at equal total and activated parameters; memory: the backbone fixed, only the Engram table size changes (plus the backbone alone, and --slots 1 for one row per head); grid: every combination of --axis KEY=V1,V2 over config keys. Every point is trained once per seed; the summary gives each point's mean and spread over the seeds and calls a difference no larger than that spread "within seed spread". Every run is an ordinary run directory. Run the same command again to continue an interrupted sweep.
+    allocation: one point per allocation ratio at equal total and activated parameters; memory: the backbone fixed, only the Engram table size changes (plus the backbone alone, and --slots 1 for one row per head); grid: every combination of --axis KEY=V1,V2 over config keys. Every point is trained once per seed; the summary gives each point's mean and spread over the seeds with two verdicts against the reference point: the range verdict ("within seed spread" when the difference is no larger than the spread) and the paired verdict (runs with the same seed are paired: the per-seed difference, its mean with a 95% t-interval, or a sign count with fewer than 3 seeds). Every run is an ordinary run directory. Run the same command again to continue an interrupted (or killed) sweep.
     """
-
-
-def _run(kind: str, corpus, tables, out, config, set_, seeds, jobs, threads, evaluate, eval_windows, device,
-         cache_dir, log, force, json_out, quiet, **values) -> None:
-    from engram_cli.commands.render import run_command
-    from engram_cli.sweep import SweepConfig, parse_seeds, sweep
-
-    cfg = SweepConfig(kind=kind, out=out, tables=tables, sources=list(corpus), config=config, overrides=list(set_ or []),
-                      seeds=parse_seeds(seeds), jobs=jobs, threads=threads, evaluate=evaluate,
-                      eval_windows=eval_windows, device=device, cache_dir=cache_dir, log=log, force=force, **values)
-    run_command(sweep, cfg, render, json_out=json_out, quiet=quiet)
 
 
 @app.command("allocation", epilog="Example: engram sweep allocation corpus/ -T out/tables -c configs/tiny.toml "
              "--ratios 1,0.8,0.6 -o out/sweep")
+@with_sweep_options
 def allocation_command(
-    corpus: Corpus, tables: Tables = ..., out: Out = ...,  # type: ignore[assignment]
+    options: SweepOptions,
     ratios: Annotated[str, typer.Option("--ratios", metavar="R1,R2", help="Allocation ratios in [0, 1] "
                                         "(share of the inactive expert parameters kept in experts; 1 = pure MoE).")] = ...,  # type: ignore[assignment]
-    config: Config = None, set_: Sets = None, seeds: Seeds = "0", jobs: Jobs = 1, threads: Threads = None,
-    evaluate: Evaluate = True, eval_windows: EvalWindows = None, device: Device = "auto", cache_dir: CacheDir = None,
-    log: Log = None, force: Force = False, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Loss against the allocation ratio rho at equal total and activated parameters (the paper's Figure 3)."""
     from engram_cli.sweep import parse_ratios
 
-    _run("allocation", corpus, tables, out, config, set_, seeds, jobs, threads, evaluate, eval_windows, device,
-         cache_dir, log, force, json_out, quiet, ratios=parse_ratios(ratios))
+    options.run("allocation", ratios=parse_ratios(ratios))
 
 
 @app.command("memory", epilog="Example: engram sweep memory corpus/ -T out/tables -c configs/tiny.toml "
              "--slots 1,1e3,1e4 -o out/sweep")
+@with_sweep_options
 def memory_command(
-    corpus: Corpus, tables: Tables = ..., out: Out = ...,  # type: ignore[assignment]
+    options: SweepOptions,
     slots: Annotated[str, typer.Option("--slots", metavar="S1,S2", help="Table sizes in slots per head "
                                        "(1 = one row per head: the capacity-1 control).")] = ...,  # type: ignore[assignment]
-    config: Config = None, set_: Sets = None, seeds: Seeds = "0", jobs: Jobs = 1, threads: Threads = None,
-    evaluate: Evaluate = True, eval_windows: EvalWindows = None, device: Device = "auto", cache_dir: CacheDir = None,
-    log: Log = None, force: Force = False, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Loss against the Engram table size with the backbone fixed, a power law fitted (the paper's Figure 4)."""
     from engram_cli.sweep import parse_slots
 
-    _run("memory", corpus, tables, out, config, set_, seeds, jobs, threads, evaluate, eval_windows, device,
-         cache_dir, log, force, json_out, quiet, slots=parse_slots(slots))
+    options.run("memory", slots=parse_slots(slots))
 
 
 @app.command("grid", epilog="Example: engram sweep grid corpus/ -T out/tables -c configs/tiny.toml "
              "--axis plan.n_head_per_ngram=2,4 -o out/sweep")
+@with_sweep_options
 def grid_command(
-    corpus: Corpus, tables: Tables = ..., out: Out = ...,  # type: ignore[assignment]
+    options: SweepOptions,
     axis: Annotated[list[str], typer.Option("--axis", metavar="KEY=V1,V2", help="A config key and its values "
                                             "(repeat); [plan] keys re-plan the tables.")] = ...,  # type: ignore[assignment]
     allocation: Annotated[Optional[float], typer.Option("--allocation", "-a", metavar="RHO", help="Every run at this "
                                                         "allocation ratio: equal parameters across the grid.")] = None,
-    config: Config = None, set_: Sets = None, seeds: Seeds = "0", jobs: Jobs = 1, threads: Threads = None,
-    evaluate: Evaluate = True, eval_windows: EvalWindows = None, device: Device = "auto", cache_dir: CacheDir = None,
-    log: Log = None, force: Force = False, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Every combination of the axes' values (the ablations of the paper's Section 6)."""
     from engram_cli.sweep import parse_axis
 
-    _run("grid", corpus, tables, out, config, set_, seeds, jobs, threads, evaluate, eval_windows, device,
-         cache_dir, log, force, json_out, quiet, axes=[parse_axis(a) for a in axis], allocation=allocation)
+    options.run("grid", axes=[parse_axis(a) for a in axis], allocation=allocation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +169,16 @@ def _f(v: float | None, digits: int = 3, signed: bool = False) -> str:
     return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
+def _paired(p: dict) -> str:
+    """The paired difference of a point: its mean with the 95% t-interval, or the sign count."""
+    if p["paired_verdict"] == "reference" or p["paired_delta_mean"] is None:
+        return "–"
+    if p["paired_delta_ci95_low"] is None:
+        return f"{_f(p['paired_delta_mean'], signed=True)} ({p['paired_sign_count']})"
+    return (f"{_f(p['paired_delta_mean'], signed=True)} "
+            f"[{_f(p['paired_delta_ci95_low'], signed=True)}, {_f(p['paired_delta_ci95_high'], signed=True)}]")
+
+
 def render(result) -> None:
     from rich.table import Table
 
@@ -141,15 +188,16 @@ def render(result) -> None:
               title_justify="left")
     for col, just in (("point", "left"), ("seeds", "right"), ("params total / activated", "right"),
                       ("table rows", "right"), ("val loss mean", "right"), ("min – max", "right"),
-                      ("Δ vs reference", "right"), ("verdict", "left")):
-        t.add_column(col, justify=just)
+                      ("Δ vs reference", "right"), ("range verdict", "left"), ("paired Δ [95% CI]", "right"),
+                      ("paired verdict", "left")):
+        t.add_column(col, justify=just, no_wrap=col in ("point", "min – max"))
     if result.evaluated:
         t.add_column("bits/byte", justify="right")
     for p in result.points:
         row = [p["point"], str(p["seeds"]), f"{count(p['total_params'])} / {count(p['activated_params'])}",
                f"{p['table_rows']:,}" if p["table_rows"] is not None else "–", f"[bold]{_f(p['val_loss_mean'])}[/]",
                f"{_f(p['val_loss_min'])} – {_f(p['val_loss_max'])}", _f(p["delta_vs_reference"], signed=True),
-               p["verdict"]]
+               p["range_verdict"], _paired(p), p["paired_verdict"]]
         t.add_row(*row, *([_f(p.get("bits_per_byte_mean"))] if result.evaluated else []))
     out.print(t)
     r = Table(title="Runs", title_justify="left")
@@ -166,5 +214,8 @@ def render(result) -> None:
                   f"(R² {f['r2']:.3f}, {f['runs']} runs)")
     if not result.evaluated:
         out.print("[dim]bits per byte and bucket losses left out (--no-eval)[/]")
+    out.print("[dim]range verdict: the difference of the means against the seeds' min – max spread; paired "
+              "verdict: the runs of the same seed paired, their differences' mean with a 95% t-interval "
+              "(a sign count below 3 seeds)[/]")
     out.print(f"[dim]losses in nats per token; {len(result.trained)} runs trained, {len(result.skipped)} kept; "
               f"{result.jobs} job(s) × {result.threads} thread(s); {result.seconds:.0f} s; wrote[/] {result.out}/")

@@ -16,11 +16,14 @@ tokens and seeds (every run directory can be read by ``engram inspect-gates`` an
   ``engram_cli.tables.plan.replan`` on the tables' vocabulary); the first cell is the reference.
 
 Each point is trained once per seed. The summary reports each point's mean and spread (max - min)
-over the seeds and calls a difference from the reference no larger than the spread
-``within seed spread``. With ``engram eval``'s library, each run is also scored on its held-out
+over the seeds with two verdicts against the reference: the **range verdict** calls a difference
+no larger than the spread ``within seed spread``; the **paired verdict** pairs the runs of the
+same seed (same data order, same shared initialization) and asks whether their differences are
+consistently below or above zero (a t-interval, or a sign count with few seeds). With ``engram eval``'s library, each run is also scored on its held-out
 split: bits per byte and the loss by training count of the target's n-gram.
 
-A sweep directory holds ``manifest.json`` (format ``engram.sweep``, rewritten after every run),
+A sweep directory holds ``manifest.json`` (format ``engram.sweep``, written before the first run
+and rewritten after every run, so a sweep killed at any instant is recognized and continued),
 ``runs/<point>--seed=<s>/`` (the run directories), ``runs.parquet``, ``points.parquet``,
 ``sweep.png``/``.svg`` and ``loss_curves.png``. Running the same command again continues an
 interrupted sweep: finished runs are never trained again, interrupted ones resume from their
@@ -30,7 +33,7 @@ The modules, in dependency order:
 
 * ``config``: :class:`SweepConfig`, points and runs, reading the option values, the files;
 * ``runner``: a run directory's state, training/resuming/scoring one run, parallel processes;
-* ``summary``: the rows of every run and point, the seed-spread verdict, the power-law fit;
+* ``summary``: the rows of every run and point, the range and paired verdicts, the power-law fit;
 * ``plots``: the pictures (``engram_cli.core.plotting``);
 * ``report``: :func:`sweep` (the command's one library call) and :class:`SweepResult`.
 
@@ -41,7 +44,7 @@ Imports: ``core`` .. ``train`` and ``eval`` (each run is scored with its library
 >>> res = sweep(SweepConfig(kind="allocation", out=Path("out/sweep"), tables=Path("out/tables"),
 ...                         sources=["corpus/"], config=Path("configs/tiny.toml"), ratios=[1, 0.75],
 ...                         seeds=[0, 1]))                                           # doctest: +SKIP
->>> [(p["point"], p["val_loss_mean"], p["verdict"]) for p in res.points]          # doctest: +SKIP
+>>> [(p["point"], p["range_verdict"], p["paired_verdict"]) for p in res.points]     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -62,10 +65,21 @@ from engram_cli.sweep.config import (
     parse_slots,
 )
 from engram_cli.sweep.report import SweepResult, sweep
-from engram_cli.sweep.summary import ONE_SEED, WITHIN, point_rows, power_law_fit, run_rows, verdict
+from engram_cli.sweep.summary import (
+    HIGHER,
+    LOWER,
+    NO_PAIRED_DIFFERENCE,
+    ONE_SEED,
+    WITHIN,
+    paired_comparison,
+    point_rows,
+    power_law_fit,
+    range_verdict,
+    run_rows,
+)
 
 __all__ = [
-    "FILES", "FORMAT", "KINDS", "ONE_SEED", "SINGLE_ROW_SLOTS", "WITHIN", "Point", "RunSpec", "SweepConfig",
-    "SweepResult", "make_points", "make_runs", "parse_axis", "parse_ratios", "parse_seeds", "parse_slots",
-    "point_rows", "power_law_fit", "run_rows", "sweep", "verdict",
+    "FILES", "FORMAT", "HIGHER", "KINDS", "LOWER", "NO_PAIRED_DIFFERENCE", "ONE_SEED", "SINGLE_ROW_SLOTS", "WITHIN",
+    "Point", "RunSpec", "SweepConfig", "SweepResult", "make_points", "make_runs", "paired_comparison", "parse_axis",
+    "parse_ratios", "parse_seeds", "parse_slots", "point_rows", "power_law_fit", "range_verdict", "run_rows", "sweep",
 ]

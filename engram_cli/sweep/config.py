@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from engram_cli.train.settings import parse_set, resolve_key
 FORMAT = "engram.sweep"
 RUNS_DIR = "runs"                 # the run directories, one per point and seed
 RUNS_FILE = "runs.parquet"        # one row per run
-POINTS_FILE = "points.parquet"    # one row per point: mean and spread over the seeds, the verdict
+POINTS_FILE = "points.parquet"    # one row per point: mean and spread over the seeds, the verdicts
 PLOT_PNG = "sweep.png"            # the sweep's figure (loss against rho / slots / grid cell)
 PLOT_SVG = "sweep.svg"
 CURVES_PNG = "loss_curves.png"    # every run's training and validation loss against tokens
@@ -74,6 +75,11 @@ class Point:
         return {"name": self.name, "values": self.values, "overrides": list(self.overrides),
                 "allocation": self.allocation, "reference": self.reference}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Point:
+        """The point :meth:`to_dict` wrote (a sweep manifest's ``config.points``)."""
+        return cls(str(d["name"]), dict(d["values"]), tuple(d["overrides"]), d["allocation"], bool(d["reference"]))
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -109,34 +115,39 @@ def _no_repeats(values: list, what: str) -> list:
     return values
 
 
+def _parse_numbers(text: str, item: str, what: str, example: str, convert: Callable[[float], Any],
+                   bad: str, hint: str) -> list:
+    """The one loop behind ``--ratios`` and ``--slots``: comma-separated items (``item`` names
+    them in the empty-list error), each read as a float and kept as ``convert`` returns it; None
+    is refused as ``{what} {s} {bad}`` with ``hint``."""
+    out = []
+    for s in _items(text, item, example):
+        try:
+            v = float(s)
+        except ValueError:
+            raise ConfigError(f"{what} {s!r} is not a number", f"e.g. {example}") from None
+        value = convert(v)
+        if value is None:  # also NaN
+            raise ConfigError(f"{what} {s} {bad}", hint)
+        out.append(value)
+    return out
+
+
 def parse_ratios(text: str) -> list[float]:
     """``--ratios 1,0.8,0.6`` -> allocation ratios, each in [0, 1]."""
-    out = []
-    for s in _items(text, "ratio", "--ratios 1,0.9,0.8"):
-        try:
-            rho = float(s)
-        except ValueError:
-            raise ConfigError(f"allocation ratio {s!r} is not a number", "e.g. --ratios 1,0.9,0.8") from None
-        if not 0.0 <= rho <= 1.0:  # also NaN
-            raise ConfigError(f"allocation ratio {s} is outside [0, 1]",
-                              "1 = pure MoE, 0 = every inactive expert parameter in Engram tables")
-        out.append(rho)
-    return _no_repeats(out, "ratio")
+    ratios = _parse_numbers(text, "ratio", "allocation ratio", "--ratios 1,0.9,0.8",
+                            lambda v: v if 0.0 <= v <= 1.0 else None, "is outside [0, 1]",
+                            "1 = pure MoE, 0 = every inactive expert parameter in Engram tables")
+    return _no_repeats(ratios, "ratio")
 
 
 def parse_slots(text: str) -> list[int]:
     """``--slots 1,1e4,3e4`` -> table sizes in slots per head (whole numbers >= 1)."""
-    out = []
-    for s in _items(text, "slots", "--slots 1,1e4,3e4,1e5"):
-        try:
-            v = float(s)
-        except ValueError:
-            raise ConfigError(f"table size {s!r} is not a number", "e.g. --slots 1,1e4,3e4,1e5") from None
-        if not (math.isfinite(v) and v >= 1 and v == int(v)):
-            raise ConfigError(f"table size {s} is not a whole number of slots >= 1",
-                              "e.g. --slots 1,1e4,3e4,1e5 (1 = one row per head, the capacity-1 control)")
-        out.append(int(v))
-    return _no_repeats(out, "table size")
+    slots = _parse_numbers(text, "slots", "table size", "--slots 1,1e4,3e4,1e5",
+                           lambda v: int(v) if math.isfinite(v) and v >= 1 and v == int(v) else None,
+                           "is not a whole number of slots >= 1",
+                           "e.g. --slots 1,1e4,3e4,1e5 (1 = one row per head, the capacity-1 control)")
+    return _no_repeats(slots, "table size")
 
 
 def parse_seeds(text: str) -> list[int]:

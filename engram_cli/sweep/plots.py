@@ -22,7 +22,7 @@ import numpy as np
 
 from engram_cli.core import plotting
 from engram_cli.sweep.config import SINGLE_ROW_SLOTS
-from engram_cli.sweep.summary import METRIC, WITHIN
+from engram_cli.sweep.summary import HIGHER, LOWER, METRIC, WITHIN
 from engram_cli.train.curves import draw_losses
 from engram_cli.train.run import METRICS_FILE, read_metrics
 
@@ -130,8 +130,10 @@ def plot_sweep(kind: str, runs: list[dict], points: list[dict], fit: dict | None
 
     done = _finished(runs)
     seeds = sorted({r["seed"] for r in done})
-    within = sum(p["verdict"] == WITHIN for p in points)
-    spread = (f"{within} of {len(points) - 1} points within the seed spread of the reference" if len(seeds) > 1
+    within = sum(p["range_verdict"] == WITHIN for p in points)
+    paired = {v: sum(p["paired_verdict"] == v for p in points) for v in (LOWER, HIGHER)}
+    spread = (f"{within} of {len(points) - 1} points within the seed spread of the reference (range verdict); "
+              f"paired: {paired[LOWER]} lower, {paired[HIGHER]} higher" if len(seeds) > 1
               else "one seed: no seed spread to compare differences with")
     subtitle = (f"{len(done)} runs, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
                 f"validation loss at the last step; {spread}")

@@ -4,6 +4,7 @@ tables, the pictures and the manifest."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from engram_cli.model.budget import allocate
 from engram_cli.sweep import runner as R
 from engram_cli.sweep.config import (
     CURVES_PNG,
+    FILES,
     FORMAT,
     PLOT_PNG,
     PLOT_SVG,
@@ -49,6 +51,7 @@ from engram_cli.sweep.plots import plot_curves, plot_sweep
 from engram_cli.sweep.summary import point_rows, power_law_fit, run_rows, write_tables
 from engram_cli.tables.build import load_tables
 from engram_cli.train import TrainConfig, load_settings, template_plan
+from engram_cli.train.distributed import resolve_device
 from engram_cli.train.run import check_log
 
 TITLES = {"allocation": "Validation loss against the allocation ratio ρ (equal total and activated parameters)",
@@ -63,7 +66,7 @@ class SweepResult:
     out: Path
     kind: str
     runs: list[dict[str, Any]]         # one row per run (runs.parquet)
-    points: list[dict[str, Any]]       # one row per point: mean, spread, verdict (points.parquet)
+    points: list[dict[str, Any]]       # one row per point: mean, spread, range and paired verdicts (points.parquet)
     fit: dict[str, Any] | None         # memory sweep: the power-law fit of loss against table rows
     evaluated: bool                    # bits per byte and bucket losses from `engram eval` are in the rows
     trained: list[str]                 # runs this call trained, resumed or restarted
@@ -87,6 +90,7 @@ def sweep(config: SweepConfig, progress: ProgressFn | None = None) -> SweepResul
     t0 = time.perf_counter()
     progress = report(progress)
     check_config(config)
+    resolve_device(config.device)  # a device that is not there is refused before anything is written
     points = make_points(config)
     specs = make_runs(config, points)
     base, settings = _settings(config, specs)
@@ -95,8 +99,12 @@ def sweep(config: SweepConfig, progress: ProgressFn | None = None) -> SweepResul
     final_out = Path(config.out)
     config, previous = _open_sweep_dir(config, identity)  # with --force: a sibling until it is complete
     evaluated, warnings = config.evaluate, []
+    points, specs = _with_earlier_runs(config, points, specs, previous, warnings)
+    settings.update(_settings(config, [s for s in specs if s.name not in settings])[1])
     manifest = _Manifest(config, identity, points, specs)
-    jobs = [_job(config, spec, settings[spec.name], previous, evaluated) for spec in specs]
+    if previous is None:  # from here on the directory is a sweep that the same command continues
+        manifest.write({}, "running")
+    jobs = [_job(config, spec, settings[spec.name], previous, evaluated, warnings) for spec in specs]
     records: dict[str, dict] = {}
 
     def on_record(record: dict) -> None:
@@ -210,21 +218,59 @@ def forced_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.forced")
 
 
+#: what :func:`sweep_dir_state` finds at ``--out``
+EMPTY, SWEEP, UNMARKED, CORRUPT, FOREIGN = "empty", "sweep", "unmarked", "corrupt", "foreign"
+
+
+def _sweep_entry(name: str) -> bool:
+    """A name a sweep writes into its directory: its files, ``runs/``, or the temporary file of an
+    atomic write of one of its files (``.manifest.json.<random>.tmp``)."""
+    return name in FILES or name == RUNS_DIR or any(name.startswith(f".{f}.") for f in FILES)
+
+
+def sweep_dir_state(out: Path) -> tuple[str, str]:
+    """What ``out`` holds, and why: EMPTY (absent or empty), SWEEP (an ``engram.sweep``
+    manifest), UNMARKED (only what a sweep writes, no manifest yet: a sweep killed before it wrote
+    one), CORRUPT (only what a sweep writes, beside a ``manifest.json`` that cannot be read) or
+    FOREIGN (anything else: never written to, never replaced)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return EMPTY, ""
+    runs = out / RUNS_DIR  # run directories, and the hidden locks, caches and staging beside them
+    ours = all(_sweep_entry(p.name) for p in out.iterdir()) and \
+        (not runs.exists() or all(p.is_dir() or p.name.startswith(".") for p in runs.iterdir()))
+    if not (out / MANIFEST).exists():
+        return (UNMARKED, "") if ours else (FOREIGN, "")
+    try:
+        doc = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return (CORRUPT, f"not readable JSON: {type(e).__name__}") if ours else (FOREIGN, "")
+    if not isinstance(doc, dict) or "format" not in doc:
+        return (CORRUPT, "not an engram manifest") if ours else (FOREIGN, "")
+    if doc["format"] != FORMAT:
+        return FOREIGN, f"a {doc['format']!r} artifact"
+    missing = [k for k, t in (("config", dict), ("runs", dict)) if not isinstance(doc.get(k), t)]
+    return (CORRUPT, f"its {missing[0]!r} is missing or not what engram wrote") if missing else (SWEEP, "")
+
+
 def _open_sweep_dir(config: SweepConfig, identity: dict) -> tuple[SweepConfig, dict | None]:
     """The config to run (its ``out`` the directory to write) and the manifest of the sweep there
     to continue (same identity), or None for a new one.
 
-    ``--force`` over a previous sweep leaves it in place: the new sweep is built in
-    :func:`forced_dir` (continued by the same command after an interruption) and replaces the
-    previous one only once every run has finished (``artifacts.swap_in``).
+    A directory holding only what a sweep writes but no manifest (killed before its first write)
+    is continued like a new sweep (its runs are checked against their points). ``--force`` over
+    a previous sweep (or over an unmarked or corrupt one) leaves it in place: the new sweep is
+    built in :func:`forced_dir` (continued by the same command after an interruption) and replaces
+    the previous one only once every run has finished (``artifacts.swap_in``).
     """
     out = check_output_path(config.out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"--out {out} exists and is not a directory", "choose another --out")
-    if not out.is_dir() or not any(out.iterdir()):
+    state, why = sweep_dir_state(out)
+    if state == EMPTY or (state == UNMARKED and not config.force):
         return config, None
     if config.force:
-        check_output_dir(out, True, FORMAT)  # only an engram sweep is replaced
+        if state == FOREIGN:
+            check_output_dir(out, True, FORMAT)  # refuses it: only an engram sweep is replaced
         work = forced_dir(out)
         staged = replace(config, out=work, force=False)
         if work.is_dir() and artifact_format(work) == FORMAT:
@@ -233,8 +279,13 @@ def _open_sweep_dir(config: SweepConfig, identity: dict) -> tuple[SweepConfig, d
                 return staged, previous  # a forced sweep of these settings, interrupted: continue it
         shutil.rmtree(work, ignore_errors=True)  # an unfinished forced sweep of other settings
         return staged, None
-    if artifact_format(out) != FORMAT:
-        raise ArtifactError(f"{out} exists and is not an engram sweep", "choose another --out")
+    if state == CORRUPT:
+        raise ArtifactError(f"{out}/{MANIFEST} is corrupt ({why}): it no longer says which sweep this is",
+                            "start the sweep over with --force (the directory is replaced only when the new sweep "
+                            "is complete), or choose another --out")
+    if state == FOREIGN:
+        raise ArtifactError(f"{out} exists and is not an engram sweep" + (f" ({why})" if why else ""),
+                            "choose another --out")
     previous = _read_previous(out)
     diffs = _differences(previous.get("config", {}).get("identity"), identity)
     if diffs:
@@ -252,12 +303,64 @@ def _read_previous(out: Path) -> dict:
                         "start the sweep over with --force")
 
 
-def _job(config: SweepConfig, spec: RunSpec, settings, previous: dict | None, evaluated: bool) -> R.Job:
+def _with_earlier_runs(config: SweepConfig, points: list[Point], specs: list[RunSpec], previous: dict | None,
+                       warnings: list[str]) -> tuple[list[Point], list[RunSpec]]:
+    """The points and runs of this call plus the finished (or failed) runs of earlier calls of
+    the same sweep that this call does not name (other ``--ratios``, ``--slots``, axis values or
+    seeds): they are kept and summarized, never trained. An earlier run that is unfinished is
+    left out of the summary (a warning says how to finish it)."""
+    if previous is None:
+        return points, specs
+    names = {s.name for s in specs}
+    known = {}
+    for d in previous["config"].get("points") or []:
+        try:
+            known[d["name"]] = Point.from_dict(d)
+        except (KeyError, TypeError, ValueError):
+            continue  # not what engram wrote: that point cannot be kept
+    extra, unfinished = [], []
+    for name, rec in previous["runs"].items():
+        point = known.get(rec.get("point")) if isinstance(rec, dict) else None
+        if name in names or point is None or not isinstance(rec.get("seed"), int):
+            continue
+        if R.run_state(Path(config.out) / RUNS_DIR / name) in (R.FINISHED, R.FAILED):
+            extra.append(RunSpec(point, rec["seed"]))
+        else:
+            unfinished.append(name)
+    if unfinished:
+        warnings.append(f"{len(unfinished)} unfinished run(s) of an earlier call left out of the summary "
+                        f"({', '.join(unfinished[:3])}): rerun with its points and seeds to finish them")
+    if not extra:
+        return points, specs
+    current = {p.name for p in points}
+    added = list({s.point.name: s.point for s in extra if s.point.name not in current}.values())
+    if config.kind == "allocation":
+        points = make_points(replace(config, ratios=[*config.ratios, *(p.values["allocation"] for p in added)]))
+    elif config.kind == "memory":
+        points = make_points(replace(config, slots=[*config.slots, *(p.values["slots"] for p in added)]))
+    else:
+        points = [*points, *(replace(p, reference=False) for p in added)]
+    order = {p.name: i for i, p in enumerate(points)}
+    by_name = {p.name: p for p in points}
+    specs = sorted([*specs, *(RunSpec(by_name[s.point.name], s.seed) for s in extra)], key=lambda s: order[s.point.name])
+    warnings.append(f"kept {len(extra)} run(s) of earlier calls that this command does not name "
+                    f"({', '.join(s.name for s in extra[:3])}{', …' if len(extra) > 3 else ''}): "
+                    "they stay in the summary")
+    return points, specs
+
+
+def _job(config: SweepConfig, spec: RunSpec, settings, previous: dict | None, evaluated: bool,
+         warnings: list[str]) -> R.Job:
 
     run_dir = Path(config.out) / RUNS_DIR / spec.name
     action = R.run_state(run_dir)
     if action in (R.FINISHED, R.FAILED, R.RESUME):
         R.check_run_matches(run_dir, settings.to_dict(), spec.point.allocation)
+    if action == R.FINISHED:
+        problem = R.verify_run(run_dir)
+        if problem is not None:  # never summarize (or score) a run whose files changed after it finished
+            warnings.append(f"run {spec.name} failed its hash check and was trained again ({problem})")
+            action = R.RESTART
     old = (previous or {}).get("runs", {}).get(spec.name) or {}
     train = TrainConfig(out=run_dir, tables=config.tables, sources=list(config.sources), settings=settings,
                         allocation=spec.point.allocation, device=config.device, cache_dir=config.cache_dir,

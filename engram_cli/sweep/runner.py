@@ -2,7 +2,7 @@
 several at once in their own processes, and the record every run leaves for the summary.
 
 A run directory is in one of five states (:func:`run_state`): ``new`` (absent or empty),
-``finished`` (its manifest says so: never trained again), ``failed`` (the loss became NaN/inf: not
+``finished`` (its manifest says so: never trained again, once it passes :func:`verify_run`), ``failed`` (the loss became NaN/inf: not
 retried, it would fail the same way), ``resume`` (interrupted with a checkpoint: continued with
 ``--resume``, bit for bit the uninterrupted run) or ``restart`` (interrupted before its first
 checkpoint: removed and started again).
@@ -12,7 +12,8 @@ with ``torch.set_num_threads`` of its share of the cores (a fresh interpreter, n
 multiprocessing, so that no caller's ``__main__`` is run again). They report progress and their
 record as JSON lines. The first run starts alone and the others only once it trains, so that a
 cold token cache is built once. SIGINT/SIGTERM stop every run the way ``engram train`` stops
-(the run records where it stopped).
+(the run records where it stopped); a worker whose sweep process died (SIGKILL, out of memory)
+stops itself the same way.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ import torch
 
 import engram_cli
 import engram_cli.core.errors as errors
-from engram_cli.core.artifacts import MANIFEST
+from engram_cli.core.artifacts import MANIFEST, read_manifest
 from engram_cli.core.errors import ArtifactError, EngramError, Interrupted, TrainingError
 from engram_cli.core.progress import ProgressFn
 from engram_cli.eval import EvalConfig, evaluate
 from engram_cli.train import SECTIONS, PlanSettings, Settings, TrainConfig, train
-from engram_cli.train.checkpoint import latest_step
+from engram_cli.train.checkpoint import latest_step, read_checkpoint
 from engram_cli.train.distributed import resolve_device
+from engram_cli.train.runs import RUN_FORMAT
 
 NEW, FINISHED, FAILED, RESUME, RESTART = "new", "finished", "failed", "resume", "restart"
 
@@ -83,6 +85,18 @@ def run_state(run_dir: Path) -> str:
     if status in (FINISHED, FAILED):
         return status
     return RESUME if manifest is not None and latest_step(run_dir) is not None else RESTART
+
+
+def verify_run(run_dir: Path) -> str | None:
+    """The hash check ``engram eval`` makes when it loads a run (``load_run``: every file its
+    manifest lists, and its latest checkpoint's files, against their sha256): None when the run
+    passes, else what failed."""
+    try:
+        read_manifest(run_dir, RUN_FORMAT)
+        read_checkpoint(run_dir, verify=True)
+    except ArtifactError as e:
+        return e.message
+    return None
 
 
 def check_run_matches(run_dir: Path, expected: dict[str, Any], allocation: float | None) -> None:
@@ -187,11 +201,17 @@ class ParallelRuns:
     that reads its job (JSON) on stdin and answers with JSON lines on stdout (see the module
     docstring and :mod:`engram_cli.sweep.worker`)."""
 
+    #: the worker's command line after the interpreter (its last argument, the threads, is added)
+    WORKER = ("-m", "engram_cli.sweep.worker")
+    #: seconds the stopped workers get to record where they stopped before they are killed
+    STOP_GRACE_S = 60.0
+
     def __init__(self, n: int, threads: int, progress: Callable[[str], ProgressFn],
                  on_record: Callable[[dict], None]):
         self.n, self.threads, self.progress, self.on_record = n, threads, progress, on_record
         self.messages: queue_mod.Queue = queue_mod.Queue()
         self.running: dict[str, subprocess.Popen] = {}
+        self.readers: list[threading.Thread] = []
         self.warm = False  # a run got past reading its data: the token cache exists
 
     def run(self, jobs: list[Job]) -> None:
@@ -203,18 +223,21 @@ class ParallelRuns:
                 self._next_message()
         except BaseException:
             self._stop_all()
+            self._keep_finished()
             raise
 
     def _start(self, job: Job) -> None:
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(Path(engram_cli.__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        p = subprocess.Popen([sys.executable, "-m", "engram_cli.sweep.worker", str(self.threads)], env=env,
+        p = subprocess.Popen([sys.executable, *self.WORKER, str(self.threads)], env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8")
         p.stdin.write(job_to_json(job) + "\n")
         p.stdin.close()
         self.running[job.name] = p
-        threading.Thread(target=self._read, args=(job.name, p), daemon=True).start()
+        reader = threading.Thread(target=self._read, args=(job.name, p), daemon=True)
+        reader.start()
+        self.readers.append(reader)
 
     def _read(self, name: str, p: subprocess.Popen) -> None:
         """Every message line of one worker into the queue; then its end (exit code)."""
@@ -254,12 +277,25 @@ class ParallelRuns:
             raise TrainingError(f"run {name} crashed: {msg['message']}",
                                 "rerun with --jobs 1 and ENGRAM_DEBUG=1 to see where")
 
+    def _keep_finished(self) -> None:
+        """Record the runs that finished while the sweep was stopping (their ``done`` message was
+        still in the queue), so that the manifest lists every finished run."""
+        for reader in self.readers:
+            reader.join(timeout=5)
+        while True:
+            try:
+                _, msg = self.messages.get_nowait()
+            except queue_mod.Empty:
+                return
+            if msg["kind"] == "done":
+                self.on_record(msg["record"])
+
     def _stop_all(self) -> None:
         """Stop every running run (SIGTERM: it records where it stopped) and wait for them."""
         for p in self.running.values():
             if p.poll() is None:
                 p.terminate()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self.STOP_GRACE_S
         for p in self.running.values():
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -1,11 +1,21 @@
 """The sweep's tables: one row per run, one row per point (mean and spread over the seeds, and
-whether it differs from the reference point by more than that spread), and the memory sweep's
-power-law fit.
+two verdicts against the reference point), and the memory sweep's power-law fit.
 
-Noise is measured, not assumed: a point's **spread** is the range (max - min) of its runs'
-validation losses over the seeds. A point whose mean differs from the reference's by no more
-than the larger of the two spreads is reported as ``within seed spread`` — no difference this
-sweep can see. With one seed the spread is unknown and the verdict says so.
+Noise is measured, not assumed, in two ways, both reported (named so they cannot be confused):
+
+* the **range verdict** (``range_verdict``): a point's **spread** is the range (max - min) of its
+  runs' validation losses over the seeds. A point whose mean differs from the reference's by no
+  more than the larger of the two spreads is reported as ``within seed spread``. With one seed
+  the spread is unknown and the verdict says so. It ignores that runs are paired, so a seed
+  effect shared by every point (a hard data order) hides a consistent difference;
+* the **paired verdict** (``paired_verdict``): runs with the same seed draw the same batches and
+  the same shared initialization, so they are **paired**. Per seed finished at both points, the
+  paired difference ``Δ_s = loss(point, s) - loss(reference, s)``; with n >= 3 pairs whose Δ vary,
+  their mean with a 95% Student t-interval (n - 1 degrees of freedom), and the verdict ``lower``
+  or ``higher`` when the interval excludes 0, else ``no paired difference``. With fewer pairs (or
+  all Δ equal, where a t-interval means nothing) the sign count ``lower on k of n seeds`` decides
+  instead, by the exact two-sided sign test at 5% (which needs at least 6 seeds, all one way): with
+  fewer, the verdict is ``no paired difference`` and the count is shown beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +33,13 @@ from engram_cli.sweep.config import SINGLE_ROW_SLOTS, Point
 METRIC = "val_loss"
 WITHIN = "within seed spread"
 ONE_SEED = "one seed: spread unknown"
+#: the paired verdicts
+LOWER, HIGHER, NO_PAIRED_DIFFERENCE = "lower", "higher", "no paired difference"
+NO_PAIRS = "no seed finished at both points"
+#: two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (standard tables)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+Z95 = 1.959964
 
 
 def bucket_column(bucket: str) -> str:
@@ -66,8 +83,9 @@ def _finished(rows: list[dict], point: str, key: str = METRIC) -> list[float]:
     return [r[key] for r in rows if r["point"] == point and r["status"] == "finished" and r.get(key) is not None]
 
 
-def verdict(values: list[float], reference: list[float]) -> str:
-    """How a point's losses compare with the reference's (see the module docstring)."""
+def range_verdict(values: list[float], reference: list[float]) -> str:
+    """How a point's losses compare with the reference's by their ranges over the seeds (the
+    module docstring)."""
     if not values:
         return "no finished run"
     if not reference:
@@ -81,15 +99,65 @@ def verdict(values: list[float], reference: list[float]) -> str:
     return "lower loss than the reference" if diff < 0 else "higher loss than the reference"
 
 
+def t95(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``df`` >= 1 degrees of freedom (a table to 30,
+    then the Cornish-Fisher expansion around the normal quantile, within 1e-3 there)."""
+    if df <= len(T95):
+        return T95[df - 1]
+    z = Z95
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def _sign_test_p(k: int, n: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least as uneven as k of n under 1/2."""
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(values: dict[int, float], reference: dict[int, float]) -> dict[str, Any]:
+    """The paired view of one point against the reference (the module docstring): ``values`` and
+    ``reference`` map a seed to its run's loss. Returns the seeds paired, their differences, the
+    mean difference, its 95% t-interval (None where it is not computed), how many are lower, the
+    sign count and the verdict."""
+    seeds = sorted(set(values) & set(reference))
+    deltas = [values[s] - reference[s] for s in seeds]
+    n = len(deltas)
+    lower, higher = sum(d < 0 for d in deltas), sum(d > 0 for d in deltas)
+    out: dict[str, Any] = {"paired_seeds": seeds, "paired_deltas": deltas,
+                           "paired_delta_mean": float(np.mean(deltas)) if n else None,
+                           "paired_delta_ci95_low": None, "paired_delta_ci95_high": None,
+                           "paired_lower_seeds": lower, "paired_sign_count": f"lower on {lower} of {n} seeds"}
+    if not n:
+        return {**out, "paired_verdict": NO_PAIRS}
+    sd = float(np.std(deltas, ddof=1)) if n > 1 else 0.0
+    if n >= 3 and sd > 0:
+        half = t95(n - 1) * sd / math.sqrt(n)
+        lo, hi = out["paired_delta_mean"] - half, out["paired_delta_mean"] + half
+        out["paired_delta_ci95_low"], out["paired_delta_ci95_high"] = lo, hi
+        verdict = LOWER if hi < 0 else HIGHER if lo > 0 else NO_PAIRED_DIFFERENCE
+    elif lower + higher and _sign_test_p(lower, lower + higher) < 0.05:
+        verdict = LOWER if lower > higher else HIGHER
+    else:
+        verdict = NO_PAIRED_DIFFERENCE
+    return {**out, "paired_verdict": verdict}
+
+
+def _by_seed(rows: list[dict], point: str, key: str = METRIC) -> dict[int, float]:
+    return {r["seed"]: r[key] for r in rows if r["point"] == point and r["status"] == "finished"
+            and r.get(key) is not None}
+
+
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
 def point_rows(rows: list[dict], points: list[Point], evaluated: bool) -> list[dict[str, Any]]:
     """One row per point (``points.parquet``): the runs' mean, min, max and spread over the seeds,
-    the difference of the mean from the reference point's and the verdict."""
+    the difference of the mean from the reference point's, the range verdict and the paired view
+    (:func:`paired_comparison`)."""
     ref = next(p for p in points if p.reference)
     ref_values = _finished(rows, ref.name)
+    ref_by_seed = _by_seed(rows, ref.name)
     out = []
     for p in points:
         values = _finished(rows, p.name)
@@ -103,7 +171,9 @@ def point_rows(rows: list[dict], points: list[Point], evaluated: bool) -> list[d
                "val_loss_spread": max(values) - min(values) if len(values) > 1 else None,
                "train_loss_mean": _mean(_finished(rows, p.name, "train_loss")),
                "delta_vs_reference": mean - _mean(ref_values) if values and ref_values else None,
-               "verdict": "reference" if p.reference else verdict(values, ref_values)}
+               "range_verdict": "reference" if p.reference else range_verdict(values, ref_values)}
+        paired = paired_comparison(_by_seed(rows, p.name), ref_by_seed)
+        row.update({**paired, "paired_verdict": "reference"} if p.reference else paired)
         if evaluated:
             row["bits_per_byte_mean"] = _mean(_finished(rows, p.name, "bits_per_byte"))
         out.append(row)

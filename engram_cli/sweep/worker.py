@@ -5,7 +5,9 @@ run with ``THREADS`` torch threads, and writes JSON lines on stdout (everything 
 to stderr): ``progress`` (task, completed, total, info), then one of ``done`` (the record),
 ``interrupted``, ``error`` (an EngramError: type, message, hint) or ``crashed``. The first
 SIGINT/SIGTERM stops the run the way ``engram train`` stops (it records where); later ones are
-ignored so that they cannot cut that short.
+ignored so that they cannot cut that short. A worker whose sweep process died (killed with
+SIGKILL: it could not stop its workers) sends itself SIGTERM, so that no orphan keeps writing into
+a sweep that is being continued.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 
 import torch
 
@@ -38,6 +42,7 @@ def main() -> None:
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, stop)
+    threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
     try:
         torch.set_num_threads(int(sys.argv[1]))
         job = job_from_json(sys.stdin.readline())
@@ -52,6 +57,13 @@ def main() -> None:
         send("error", type=type(e).__name__, message=e.message, hint=e.hint)
     except BaseException as e:  # noqa: BLE001  (reported to the parent, which raises it)
         send("crashed", message=f"{type(e).__name__}: {e}")
+
+
+def watch_parent(parent: int, every_s: float = 0.5) -> None:
+    """SIGTERM to this process once its parent ``parent`` is gone (it was re-parented)."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":
