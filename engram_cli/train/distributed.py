@@ -93,6 +93,15 @@ def all_reduce_sum(t, d: Dist) -> None:
         dist.all_reduce(t)
 
 
+def rank_mean(values: list, d: Dist) -> list[float]:
+    """The mean over the processes of each scalar tensor in ``values`` (float32), as floats."""
+    logged = torch.stack([v.detach().float() for v in values])
+    if d.world_size > 1:
+        all_reduce_sum(logged, d)
+        logged /= d.world_size
+    return [float(x) for x in logged]
+
+
 def rank_checksums(model, device, d: Dist) -> list[float] | None:
     """A weight checksum (sum of |w|, float64) per rank, gathered on every rank; None in a single
     process. Equal values show that the ranks stayed in lockstep."""

@@ -3,13 +3,16 @@
 AdamW updates the dense parameters (weight decay on matrices only); SparseAdam updates the Engram
 tables at ``engram_lr_mult`` (5x) the learning rate, without weight decay (paper Section 4 /
 Appendix A). Both follow :func:`~engram_cli.train.settings.lr_factor`: linear warmup, then cosine
-decay.
+decay. :class:`Optimizers` holds both for the trainer: the schedule, zeroing, the gradients'
+average over the ranks and clipping, and the update — the one place where the tables' rows are
+updated.
 """
 
 from __future__ import annotations
 
 import torch
 
+from engram_cli.train.distributed import Dist, allreduce_gradients
 from engram_cli.train.settings import TrainSettings, lr_factor
 
 
@@ -48,3 +51,36 @@ def apply_schedule(optimizers: dict, ts: TrainSettings, step: int) -> dict[str, 
         for g in optimizers["sparse_adam"].param_groups:
             g["lr"] = engram_lr
     return {"lr": lr, "engram_lr": engram_lr}
+
+
+class Optimizers:
+    """AdamW on the dense weights and (with Engram tables) SparseAdam on the table rows a step looked up."""
+
+    def __init__(self, model, ts: TrainSettings):
+        self.ts = ts
+        self.dense = model.dense_parameters()              # AdamW's, clipped
+        self.tables = model.engram_table_parameters()      # SparseAdam's (sparse gradients); [] without Engram
+        self.by_name = make_optimizers(model, ts)          # {"adamw", "sparse_adam"?}: what checkpoints store
+
+    def schedule(self, step_index: int) -> dict[str, float | None]:
+        """Set the learning rates of the step with 0-based index ``step_index`` (:func:`apply_schedule`)."""
+        return apply_schedule(self.by_name, self.ts, step_index)
+
+    def zero_grad(self) -> None:
+        for opt in self.by_name.values():
+            opt.zero_grad(set_to_none=True)
+
+    def reduce_and_clip(self, d: Dist) -> float:
+        """Average the gradients over the ranks, clip the dense ones (``grad_clip`` > 0); returns
+        the dense gradients' global L2 norm before clipping."""
+        if d.world_size > 1:
+            allreduce_gradients(self.dense, self.tables, d.world_size)
+        if self.ts.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(self.dense, self.ts.grad_clip))
+        return float(torch.norm(torch.stack([p.grad.norm() for p in self.dense if p.grad is not None])))
+
+    def step(self) -> None:
+        """The update: AdamW on the dense weights, then SparseAdam on the looked-up table rows."""
+        self.by_name["adamw"].step()
+        if "sparse_adam" in self.by_name:
+            self.by_name["sparse_adam"].step()

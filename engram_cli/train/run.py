@@ -12,7 +12,8 @@
 
 Unlike the other stages' artifacts, a run directory is written in place while training (its
 manifest says ``"status": "training"`` until the end); every file in it is written atomically
-or, for ``metrics.jsonl``, line by line. Only rank 0 writes.
+or, for ``metrics.jsonl``, line by line. Only rank 0 writes. :class:`RunLog` is the open run
+directory a trainer writes to: its metrics, TensorBoard log and manifest.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from engram_cli.core.artifacts import (
     check_output_path,
     manifest_header,
     sha256_file,
+    swap_in,
 )
 from engram_cli.core.errors import ArtifactError, ConfigError
 from engram_cli.tables.plan import PLAN_FILE
@@ -254,3 +256,66 @@ class TensorBoardLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class RunLog:
+    """The run directory while the run trains: ``metrics.jsonl``, the TensorBoard log and
+    ``manifest.json`` (each a no-op on ranks other than 0).
+
+    ``work`` is where the run writes: ``out`` itself, or, for a ``--force`` run until its first
+    checkpoint, the hidden sibling of :func:`open_out`; :meth:`adopt` moves it onto ``out``.
+    """
+
+    def __init__(self, out: Path, work: Path, metrics: MetricsWriter, tensorboard: TensorBoardLog,
+                 manifest: RunManifest):
+        self.out = out                    # the run directory
+        self.work = work                  # where the run writes now (``out``, or a --force run's sibling)
+        self.metrics = metrics
+        self.tensorboard = tensorboard
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, out: Path, *, main: bool, resume: bool, config_doc: dict, plan, start_step: int,
+             log: str | None, inputs: dict, plan_info: dict, budget: dict) -> RunLog:
+        """config.json (and ``plan``, a run's own plan, as table_plan.json) in the run directory,
+        the metrics file (cut back to ``start_step`` on resume), the TensorBoard log, the manifest."""
+        work = out
+        if main:
+            work = open_out(out, resume=resume, config_doc=config_doc, plan=plan)
+        metrics = MetricsWriter(work / METRICS_FILE, main, start_step if resume else None)
+        tensorboard = TensorBoardLog(work, enabled=main and log == "tensorboard")
+        manifest = RunManifest(work, config=config_doc, inputs=inputs, plan=plan_info, budget=budget, enabled=main)
+        return cls(out, work, metrics, tensorboard, manifest)
+
+    @property
+    def replacing(self) -> bool:
+        """A --force run that has not replaced the previous run yet (no checkpoint so far)."""
+        return self.work != self.out
+
+    def write(self, row: dict) -> None:
+        """One metrics line (and its TensorBoard scalars)."""
+        self.metrics.write(row)
+        self.tensorboard.write(row)
+
+    def record(self, summary: dict[str, Any]) -> None:
+        """The manifest, with ``summary`` (the status and figures of the moment)."""
+        self.manifest.write(summary)
+
+    def adopt(self, path: Path) -> Path:
+        """After a checkpoint at ``path``: a --force run replaces the previous run now
+        (``artifacts.swap_in``); returns where the checkpoint is then."""
+        if not self.replacing:
+            return path
+        swap_in(self.work, self.out)
+        path = self.out / path.relative_to(self.work)
+        self.work = self.manifest.out = self.out
+        self.metrics.path = self.out / METRICS_FILE
+        return path
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.tensorboard.close()
+
+    def discard(self) -> None:
+        """A --force run stopped before its first checkpoint: its files go, the previous run stays."""
+        shutil.rmtree(self.work, ignore_errors=True)
