@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -114,21 +115,64 @@ class CausalSelfAttention(nn.Module):
 
 
 class MultiHeadEmbedding(nn.Module):
-    """All H hash heads' tables of one Engram layer, stored as one embedding of sum(p_j) rows.
+    r"""All H hash heads' tables of one Engram layer, as one table of sum(p_j) rows.
 
     Rows ``[offset_j, offset_j + p_j)`` are head j's table of prime size p_j (heads in the plan's
-    order: every head of order 2, then order 3, ...). ``sparse=True`` so that a step's gradient
-    holds only the looked-up rows; the trainer updates these weights with SparseAdam.
+    order: every head of order 2, then order 3, ...). The rows live in one of two places:
+
+    * a parameter (``store_backed=False``; runs recorded before the row store, ``table_store =
+      "module"``): one ``nn.Embedding(..., sparse=True)``, so that a step's gradient holds only
+      the looked-up rows (SparseAdam updates it);
+    * a row store (``store_backed=True``; ``engram_cli.model.store``, in RAM or memory-mapped):
+      no parameter here. In training, the trainer :meth:`bind`\ s a step's *working set* — the
+      sorted unique rows the batch addresses, gathered into one (k, D) tensor that requires grad,
+      and every (position, head)'s index into it — and the lookup is ``rows[local]``; its
+      gradient is dense over the working set and goes back to the store through a row
+      optimizer. For reading (eval, inspect-gates) a store is :meth:`attach`\ ed and each lookup
+      gathers the rows its slots address (no gradient).
     """
 
-    def __init__(self, head_sizes: list[int], head_offsets: list[int], dim: int):
+    def __init__(self, head_sizes: list[int], head_offsets: list[int], dim: int, store_backed: bool = False):
         super().__init__()
         self.register_buffer("offsets", torch.tensor(head_offsets, dtype=torch.long), persistent=False)
-        self.embedding = nn.Embedding(sum(head_sizes), dim, sparse=True)
+        self.rows, self.dim = sum(head_sizes), dim
+        self.embedding = None if store_backed else nn.Embedding(self.rows, dim, sparse=True)
+        self.store = None      # RowStore to read from (store-backed, reading); see attach
+        self.working = None    # (rows (k, D), local (B, T, H)) of the current step; see bind
 
-    def forward(self, slots: torch.Tensor) -> torch.Tensor:
-        """slots: (B, T, H), head j's slot in [0, p_j) -> (B, T, H, D)."""
-        return self.embedding(slots + self.offsets)
+    @property
+    def store_backed(self) -> bool:
+        return self.embedding is None
+
+    def attach(self, store) -> None:
+        """Read rows from ``store`` (a RowStore of this table's rows and dim) when no working set is bound."""
+        if store.rows != self.rows or store.dim != self.dim:
+            raise InputError(f"the row store holds {store.rows} x {store.dim} rows, this table {self.rows} x {self.dim}",
+                             "open the store of this run's plan")
+        self.store = store
+
+    def bind(self, rows: torch.Tensor, local: torch.Tensor) -> None:
+        """Use ``rows[local]`` for the next lookups: rows (k, D), local (B, T, H) indices into them."""
+        self.working = (rows, local)
+
+    def unbind(self) -> None:
+        self.working = None
+
+    def forward(self, slots: torch.Tensor | None) -> torch.Tensor:
+        """slots: (B, T, H), head j's slot in [0, p_j) -> (B, T, H, D). With a bound working set
+        the slots are not needed (None): its local indices address the same rows."""
+        if self.working is not None:
+            rows, local = self.working
+            return rows[local]  # (B, T, H, D)
+        if self.embedding is not None:
+            return self.embedding(slots + self.offsets)
+        if self.store is None:
+            raise InputError("this Engram table lives in a row store and none is attached",
+                             "open the run with engram_cli.train.runs.load_run (it attaches the run's store)")
+        flat = (slots + self.offsets).cpu().numpy()
+        uniq, local = np.unique(flat.reshape(-1), return_inverse=True)
+        rows = torch.from_numpy(self.store.gather(uniq.astype(np.int64)))  # (k, D)
+        return rows[torch.from_numpy(local.reshape(flat.shape))].to(slots.device)
 
 
 class ShortConv(nn.Module):
@@ -171,14 +215,14 @@ class Engram(nn.Module):
     and returned. It is a plain attribute, not state: checkpoints never record it.
     """
 
-    def __init__(self, config: ModelConfig, plan: TablePlan, layer_id: int):
+    def __init__(self, config: ModelConfig, plan: TablePlan, layer_id: int, store_backed: bool = False):
         super().__init__()
         self.layer_id = layer_id
         self.knocked_out = False  # True: forward returns y = 0 (see EngramModel.engram_knockout)
         self.hc_mult = config.engram_hc_mult
         self.n_embd = config.n_embd
         self.tables = MultiHeadEmbedding(
-            plan.head_sizes(layer_id), plan.head_offsets(layer_id), plan.embed_dim_per_head
+            plan.head_sizes(layer_id), plan.head_offsets(layer_id), plan.embed_dim_per_head, store_backed
         )
         d_mem = plan.total_heads * plan.embed_dim_per_head  # = (max_n - 1) * n_head_per_ngram * D
         bias = config.engram_reference_module  # the reference's nn.Linear layers carry a bias
@@ -191,8 +235,9 @@ class Engram(nn.Module):
             config.n_embd, self.hc_mult, config.engram_conv_kernel, plan.max_ngram_size, config.norm_eps
         )
 
-    def forward(self, h: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: (B, T, hc, C) residual stream; slots: (B, T, H) hash slots of this layer.
+    def forward(self, h: torch.Tensor, slots: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (B, T, hc, C) residual stream; slots: (B, T, H) hash slots of this layer (None when
+        a working set is bound to the tables).
 
         Returns (y (B, T, hc, C) to add to the residual stream, gate alpha (B, T, hc)).
         """
@@ -224,10 +269,10 @@ class Block(nn.Module):
     the ordinary pre-norm Transformer block.
     """
 
-    def __init__(self, config: ModelConfig, layer_id: int, plan: TablePlan | None):
+    def __init__(self, config: ModelConfig, layer_id: int, plan: TablePlan | None, store_backed: bool = False):
         super().__init__()
         has_engram = plan is not None and layer_id in plan.layer_ids
-        self.engram = Engram(config, plan, layer_id) if has_engram else None
+        self.engram = Engram(config, plan, layer_id, store_backed) if has_engram else None
         self.attn_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.moe_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
@@ -267,16 +312,21 @@ class EngramModel(nn.Module):
 
     ``plan=None`` gives the pure MoE baseline. The LM head is untied from the token embedding
     (DeepSeek-V3 unties them; it also keeps the parameter accounting per module simple).
+    ``store_backed``: the Engram tables live in row stores outside the module (see
+    :class:`MultiHeadEmbedding`); the model then has no table parameters, and the trainer binds
+    each step's working set (:meth:`bind_working_set`) or a reader attaches the stores
+    (:meth:`attach_stores`).
     """
 
-    def __init__(self, config: ModelConfig, plan: TablePlan | None = None):
+    def __init__(self, config: ModelConfig, plan: TablePlan | None = None, store_backed: bool = False):
         super().__init__()
         config.validate(plan)
         self.config = config
         self.plan = plan
+        self.store_backed = store_backed
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config, i, plan) for i in range(config.n_layer)])
+        self.blocks = nn.ModuleList([Block(config, i, plan, store_backed) for i in range(config.n_layer)])
         self.final_norm = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         cos, sin = rope_cache(config.n_embd // config.n_head, config.block_size, config.rope_theta)
@@ -325,8 +375,28 @@ class EngramModel(nn.Module):
                 e.knocked_out = was
 
     def engram_table_parameters(self) -> list[nn.Parameter]:
-        """The Engram embedding tables (sparse gradients: optimize with torch.optim.SparseAdam)."""
-        return [b.engram.tables.embedding.weight for b in self.blocks if b.engram is not None]
+        """The Engram embedding tables (sparse gradients: optimize with torch.optim.SparseAdam);
+        none when the tables live in row stores."""
+        return [b.engram.tables.embedding.weight for b in self.blocks
+                if b.engram is not None and not b.engram.tables.store_backed]
+
+    def engram_tables(self) -> dict[int, MultiHeadEmbedding]:
+        """layer id -> that layer's tables."""
+        return {i: b.engram.tables for i, b in enumerate(self.blocks) if b.engram is not None}
+
+    def attach_stores(self, stores: dict) -> None:
+        """Read every layer's rows from its row store (layer id -> RowStore); store-backed models only."""
+        for layer, tables in self.engram_tables().items():
+            tables.attach(stores[layer])
+
+    def bind_working_set(self, working: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Bind each layer's (rows (k, D), local (B, T, H)) for the next forward passes."""
+        for layer, tables in self.engram_tables().items():
+            tables.bind(*working[layer])
+
+    def unbind_working_set(self) -> None:
+        for tables in self.engram_tables().values():
+            tables.unbind()
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Every other parameter (dense gradients: AdamW)."""
@@ -370,7 +440,8 @@ class EngramModel(nn.Module):
                     f"canonical_ids has shape {tuple(canonical_ids.shape)}, idx has {(B, T)}",
                     "pass canonical ids aligned with idx",
                 )
-            slots = self.engram_slots(canonical_ids)
+            bound = all(t.working is not None for t in self.engram_tables().values())
+            slots = {} if bound else self.engram_slots(canonical_ids)  # a bound working set holds its rows
 
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
@@ -408,8 +479,9 @@ def param_counts(model: EngramModel) -> dict[str, int]:
     - ``total = dense + engram_tables + experts_routed``;
       ``activated = dense + experts_routed_activated + engram_tables_activated``.
     """
-    total = sum(p.numel() for p in model.parameters())
-    tables = sum(p.numel() for p in model.engram_table_parameters())
+    store_rows = sum(t.rows * t.dim for t in model.engram_tables().values() if t.store_backed)
+    total = sum(p.numel() for p in model.parameters()) + store_rows  # store-backed rows count as parameters
+    tables = sum(p.numel() for p in model.engram_table_parameters()) + store_rows
     engram_all = sum(p.numel() for b in model.blocks if b.engram is not None for p in b.engram.parameters())
     routed = sum(p.numel() for b in model.blocks for p in b.moe.experts.parameters())
     cfg = model.config
