@@ -359,3 +359,34 @@ def test_force_refuses_a_directory_that_is_not_a_run(tmp_path, tables):
 
 def test_settings_to_dict_has_no_vocab_size():
     assert "vocab_size" not in Settings().to_dict()["model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU threads (reproducibility)
+
+
+def test_threads_are_applied_recorded_and_resumable(tmp_path, tables):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        run(tmp_path / "one", tables, "train.threads=1", "train.steps=2")
+        config = json.loads((tmp_path / "one" / "config.json").read_text())
+        assert config["train"]["threads"] == 1 and config["run"]["cpu_threads"] == 1
+        # a run recorded before the setting existed resumes as it ran (threads 0: torch's default)
+        from engram_cli.train.settings import Settings, check_resume_settings
+
+        old = {k: v for k, v in config.items() if k in ("model", "train", "data", "plan")}
+        old["train"] = {k: v for k, v in old["train"].items() if k != "threads"}
+        new = Settings.from_dict(old)
+        assert new.train.threads == 0
+        check_resume_settings(old, new, tmp_path / "old")  # no difference reported
+        with pytest.raises(ConfigError, match="train.threads"):
+            check_resume_settings(old, Settings.from_dict(config), tmp_path / "old")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_out_of_range_is_one_line(tmp_path, tables):
+    with pytest.raises(ConfigError, match="train.threads"):
+        run(tmp_path / "r", tables, "train.threads=-1")

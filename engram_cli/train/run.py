@@ -24,6 +24,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engram_cli.core.artifacts import (
     MANIFEST,
     atomic_write_bytes,
@@ -100,7 +102,8 @@ def config_doc(settings, *, tables: Path, corpus: list[str], allocation: float |
     and, under ``run``, the inputs and options it was run with (what --resume reuses)."""
     return {"format": CONFIG_FORMAT, **settings.to_dict(),
             "run": {"tables": str(Path(tables).resolve()), "corpus": list(corpus), "allocation": allocation,
-                    "device": device, "tokenizer": tokenizer, "vocab": vocab, "cache_dir": str(cache_dir)}}
+                    "device": device, "tokenizer": tokenizer, "vocab": vocab, "cache_dir": str(cache_dir),
+                    "cpu_threads": torch.get_num_threads()}}  # what the run computed with (train.threads)
 
 
 def plan_record(plan, source: str, allocation: float | None, changes: dict | None = None) -> dict[str, Any]:

@@ -44,6 +44,11 @@ class TrainSettings:
 
     # seeds the weight init (torch), numpy/python RNGs and the batch sampler
     seed: int = 0
+    # torch's CPU threads (intra-op). 0: torch's default, one per core. CPU kernels split their sums
+    # by thread, so a run reproduces bit for bit only at the same count (on the same CPU kind and
+    # torch build): measured on the tiny config, 1 and 2 threads differ from the first steps
+    # (docs/training.md, "Reproducibility"). configs/tiny.toml sets 2 for the main job.
+    threads: int = 0
     # optimizer steps in the whole run (the cosine schedule ends here)
     steps: int = 600
     # sequences of model.block_size tokens per step, over all data-parallel processes together
@@ -321,6 +326,8 @@ def check_settings(s: Settings) -> None:
         need(not isinstance(value, float) or math.isfinite(value), f"{name} must be a finite number, got {value}",
              f"see configs/tiny.toml for a sensible {name}")
     need(0 <= t.seed < 2**32, f"train.seed must be in [0, 2^32), got {t.seed}", "e.g. --set train.seed=0")
+    need(0 <= t.threads <= 1024, f"train.threads must be in [0, 1024], got {t.threads}",
+         "0 for one per core, or the count to reproduce, e.g. --set train.threads=2")
     need(t.eps > 0, f"train.eps must be positive, got {t.eps}", "e.g. --set train.eps=1e-8 (PyTorch's default)")
     need(t.lr > 0 and math.isfinite(t.lr), f"train.lr must be positive, got {t.lr}", "e.g. --set train.lr=3e-3")
     need(t.engram_lr_mult > 0, f"train.engram_lr_mult must be positive, got {t.engram_lr_mult}", "the paper uses 5")
@@ -347,10 +354,15 @@ def check_settings(s: Settings) -> None:
          "drop plan.target_size (or set it to 1)")
 
 
+#: the value of a setting in runs recorded before the setting existed (what those runs did)
+LEGACY_SETTINGS = {"train.threads": 0}
+
+
 def check_resume_settings(saved: dict, new: Settings, where: Path) -> None:
     """A resumed run's settings may differ from the ``saved`` config.json only in RESUME_MUTABLE keys."""
     saved = {**saved, "plan": {**asdict(PlanSettings()), **(saved.get("plan") or {})}}  # runs from before [plan]
-    old_flat = {f"{s}.{k}": v for s, sec in saved.items() if s in SECTIONS for k, v in sec.items()}
+    old_flat = {**LEGACY_SETTINGS,
+                **{f"{s}.{k}": v for s, sec in saved.items() if s in SECTIONS for k, v in sec.items()}}
     diffs = [f"{k} {old_flat.get(k)!r} → {v!r}" for k, v in new.flat().items()
              if k not in RESUME_MUTABLE and old_flat.get(k) != v]
     if diffs:

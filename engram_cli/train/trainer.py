@@ -124,6 +124,8 @@ def build_trainer(config: TrainConfig, device, d: Dist, progress: ProgressFn, t_
     and open the run directory; nothing is written before every input has been checked."""
     request = RunRequest.resolve(config)                    # a new run, or the resumed run's own request
     ts = request.settings.train
+    if ts.threads:  # the summation order of CPU kernels depends on the thread count (settings.py)
+        torch.set_num_threads(ts.threads)
     inputs = RunInputs.load(request)                        # tables, tokenizer, vocab, corpus: cross-checked
     data = load_train_data(request, inputs, d, progress)    # token stream (cached), split, sub-vocabulary
     spec = ModelSpec.choose(request, inputs, data)          # model config + table plan (--allocation or the tables')
