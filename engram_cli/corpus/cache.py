@@ -11,18 +11,25 @@ and ``sweep`` read it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engram_cli.core.artifacts import atomic_write_json, sha256_file, verify_hashes_default
+from engram_cli.core.artifacts import (
+    atomic_write_json,
+    fsync_tree,
+    make_temp_dir,
+    sha256_file,
+    swap_in,
+    verify_hashes_default,
+)
 from engram_cli.core.errors import ArtifactError, InputError
 from engram_cli.core.progress import ProgressFn, report
 from engram_cli.corpus.spec import CorpusStats
@@ -87,7 +94,14 @@ def load_or_build_token_cache(spec, tokenizer, vocab, cache_dir: str | os.PathLi
     cached = _open_entry(entry, key)
     if cached is not None:
         return cached
-    return _build_entry(spec, tokenizer, entry, key, eos_id, progress)
+    try:
+        return _build_entry(spec, tokenizer, entry, key, eos_id, progress)
+    except OSError as e:
+        if e.filename is None or not Path(e.filename).absolute().is_relative_to(cache_dir.absolute()):
+            raise  # not the cache's (a corpus file, say): the usual one-line disk error
+        name = errno.errorcode.get(e.errno or 0, "OSError")
+        raise ArtifactError(f"cannot write the token cache in {cache_dir}: {e.strerror or e} on {e.filename} ({name})",
+                            "pass a writable --cache-dir (it is created if missing)") from e
 
 
 def find_token_cache(cache_dir: str | os.PathLike, key: str) -> TokenCache | None:
@@ -118,8 +132,7 @@ def _open_entry(entry: Path, key: str) -> TokenCache | None:
 
 
 def _build_entry(spec, tokenizer, entry: Path, key: str, eos_id: int, progress: ProgressFn) -> TokenCache:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    tmp = make_temp_dir(entry)
     try:
         stats = CorpusStats()
         # Two passes over a growing list of arrays would hold the corpus twice; instead append to
@@ -143,13 +156,14 @@ def _build_entry(spec, tokenizer, entry: Path, key: str, eos_id: int, progress: 
                 "documents": n_docs, "eos_id": eos_id, "tokenizer": tokenizer.fingerprint,
                 "corpus_stats": stats.to_dict()}
         atomic_write_json(tmp / CACHE_META, meta)
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            # another process finished the same entry first (or a damaged one is in the way)
-            if _open_entry(entry, key) is None:
-                shutil.rmtree(entry, ignore_errors=True)
-                os.rename(tmp, entry)
+        fsync_tree(tmp)
+        if _open_entry(entry, key) is None:  # else another process finished the same entry first
+            try:
+                swap_in(tmp, entry)  # (replacing a damaged entry in the way)
+            except OSError:  # another process's entry landed between our renames
+                shutil.rmtree(entry.with_name(f".{entry.name}.new-{os.getpid()}"), ignore_errors=True)
+                if _open_entry(entry, key) is None:
+                    raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
