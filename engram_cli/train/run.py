@@ -69,10 +69,12 @@ _STARTED = {MANIFEST, CONFIG_FILE, METRICS_FILE, PLAN_FILE, TENSORBOARD_DIR, ckp
 
 
 def started_without_checkpoint(out: Path) -> bool:
-    """Whether ``out`` is a run killed (or stopped) before it wrote a checkpoint: its config.json
-    or manifest is engram's, it holds nothing else a run does not write, and no checkpoint."""
+    """Whether ``out`` is a run killed (or stopped) before it committed a checkpoint: its
+    config.json or manifest is engram's, it holds nothing else a run does not write, and no
+    ``ckpt/latest.json`` (the commit point of a checkpoint: a step directory without it is one
+    the kill cut short)."""
     names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
-    if not names <= _STARTED or ckpt_mod.latest_step(out) is not None or ckpt_mod.list_checkpoints(out):
+    if not names <= _STARTED or ckpt_mod.latest_step(out) is not None:
         return False
     if artifact_format(out) == RUN_FORMAT:
         return True
