@@ -143,12 +143,12 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_a_killed_writer_leaves_a_temp_dir_that_is_ignored_then_removed(tmp_path):
     model, opts = model_and_optimizers()
     save(tmp_path, 3, model, opts)
-    junk = tmp_path / "ckpt" / ".tmp-step_000006-4242"
+    junk = tmp_path / "ckpt" / ".step_000006.tmp-4242-abcdefgh"
     junk.mkdir()
     (junk / "model.safetensors").write_bytes(b"partial")
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [3]
     assert checkpoint.read_checkpoint(tmp_path).step == 3
-    checkpoint.remove_stale_temp(tmp_path)
+    checkpoint.recover_checkpoints(tmp_path)
     assert not junk.exists()
 
 

@@ -102,6 +102,9 @@ def build_tables_command(
         shards, sources = shards + [Path(s) for s in sources], []
     if shards and shard:
         raise ConfigError("--shard and --from-shards cannot be combined", "count shards first, then merge them")
+    if shard and plan_only and not sources:
+        raise ConfigError("--shard does not apply to --plan-only: it reads no corpus to split",
+                          "drop --shard (or drop --plan-only and give the corpus to count a shard of)")
     spec = CorpusSpec(sources=sources, text_column=text_column, doc_mode=doc_mode, max_tokens=max_tokens,
                       hf_split=hf_split, skip_bad_files=skip_bad_files,
                       shard=parse_shard(shard) if shard else None) if sources else None

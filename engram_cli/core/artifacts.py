@@ -3,7 +3,9 @@
 A stage writes its files into a temporary sibling directory (``.<name>.tmp-<pid>``) and renames
 it into place only when every file is complete, so an interrupted run never leaves a directory
 that a later stage would accept, and an existing artifact survives a failed ``--force`` rerun
-until the new one is complete.
+until the new one is complete. The commit protocol — fsyncs, renames, the swap and the recovery
+of a commit cut short by a kill — exists once, here (docs/artifacts.md, "The commit protocol"),
+and every step of it calls :func:`crash_point`, where tests/test_crash.py kills writers.
 
 The manifest states, in this order: ``format`` and ``format_version`` (first, as in HF
 ``tokenizer.json``), the engram version, the creation time, the resolved configuration, sha256
@@ -16,10 +18,13 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -84,23 +89,79 @@ def read_json(path: str | os.PathLike, *, what: str, producer: str) -> Any:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and a rename."""
+    """Write ``data`` to ``path``: a temp file in the same directory, fsync, rename onto ``path``,
+    fsync of the directory. A reader sees the old bytes or the new ones, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fsync_file(tmp)
+        rename_into_place(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort: not every file system allows it)."""
+# ---------------------------------------------------------------------------------------------
+# The commit protocol (docs/artifacts.md, "The commit protocol"): every fsync, rename and swap
+# engram makes goes through the functions below, and each step calls crash_point() with its
+# name, so that tests/test_crash.py can kill a writer at every step and check what a reader finds.
+
+CRASH_ENV = "ENGRAM_CRASH_AT"           # POINT[@TARGET][:N]: SIGKILL this process at the N-th such step
+CRASH_TRACE_ENV = "ENGRAM_CRASH_TRACE"  # FILE: append every step reached, one POINT@TARGET a line
+_crash_seen: dict[str, int] = {}
+
+
+def crash_label(name: str) -> str:
+    """A file or directory name with its process id and random parts replaced (``N``) or dropped,
+    so that a step is named alike in every run: ``.run.tmp-4242-k2j_x9aq`` -> ``.run.tmp-N``."""
+    name = re.sub(r"\.[A-Za-z0-9_]{8}\.tmp$", ".tmp", name)   # tempfile.mkstemp's random part
+    name = re.sub(r"-[A-Za-z0-9_]{8}$", "", name)              # tempfile.mkdtemp's
+    return re.sub(r"\d+", "N", name)
+
+
+def crash_point(point: str, target: str | os.PathLike = "") -> None:
+    """One step of a commit, named ``point`` (e.g. ``swap.set-aside``), acting on ``target``.
+
+    A no-op unless a test asks: with ``ENGRAM_CRASH_AT=POINT[@TARGET][:N]`` the process kills
+    itself with SIGKILL (no cleanup, no ``finally``: what a power cut or the OOM killer does) the
+    N-th time (default 1) it reaches that step (on that target: :func:`crash_label` of its name);
+    with ``ENGRAM_CRASH_TRACE=FILE`` it appends ``POINT@TARGET`` to FILE.
+    """
+    spec, trace = os.environ.get(CRASH_ENV), os.environ.get(CRASH_TRACE_ENV)
+    if not spec and not trace:
+        return
+    label = f"{point}@{crash_label(Path(target).name) if target else ''}"
+    if trace:
+        with open(trace, "a", encoding="utf-8") as f:
+            f.write(label + "\n")
+    if not spec:
+        return
+    want, _, nth = spec.rpartition(":")
+    if not want or not nth.isdigit():
+        want, nth = spec, "1"
+    if want not in (point, label):
+        return
+    _crash_seen[want] = _crash_seen.get(want, 0) + 1
+    if _crash_seen[want] == int(nth):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Make a file's bytes durable (before it is renamed into place)."""
+    crash_point("fsync.file", path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make the renames in ``directory`` durable (best effort: not every file system allows it)."""
+    crash_point("fsync.dir", directory)
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -111,6 +172,51 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """fsync every file under ``directory``, then its directories: a complete artifact, before its rename."""
+    directory = Path(directory)
+    dirs = [directory]
+    for p in sorted(directory.rglob("*")):
+        if p.is_dir():
+            dirs.append(p)
+        elif p.is_file():
+            fsync_file(p)
+    for d in reversed(dirs):
+        fsync_dir(d)
+
+
+def rename_into_place(src: Path, dest: Path) -> None:
+    """Rename the complete file or directory ``src`` onto ``dest`` and make it durable (a file
+    at ``dest`` is replaced; a directory must not be there: :func:`swap_in` replaces one)."""
+    os.replace(src, dest)
+    crash_point("rename.done", dest)
+    fsync_dir(dest.parent)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete what a commit set aside or left (a file or a directory)."""
+    crash_point("remove.start", path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def make_temp_dir(out: Path) -> Path:
+    """A new temp directory beside ``out`` (``.<name>.tmp-<pid>-XXXXXXXX``) with the usual
+    permissions; a writer fills it, then :func:`swap_in` commits it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    os.chmod(tmp, _umask_mode())  # mkdtemp makes 0700; an artifact gets the usual permissions
+    return tmp
+
+
+def _siblings(out: Path, kind: str) -> list[Path]:
+    """``.<name>.<kind>-*`` beside ``out`` (kind: new, old, tmp, trash), oldest first."""
+    found = out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")
+    return sorted(found, key=lambda p: (p.lstat().st_mtime, p.name))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -222,7 +328,8 @@ def atomic_output(dest: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, dest)
+        fsync_file(tmp)
+        rename_into_place(Path(tmp), dest)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -285,28 +392,79 @@ _HELD: set[str] = set()
 def recover_output(out: Path) -> None:
     """Finish what a killed writer of ``out`` left (call only while holding :func:`output_lock`).
 
-    A writer killed between the two renames of a commit leaves ``out`` missing and the previous
-    artifact in ``.<name>.old-<pid>``: it is put back. Leftover ``.<name>.tmp-*`` directories
-    (files of an unfinished write) and ``.old`` copies beside a complete ``out`` are removed.
+    Forward when a complete new version waits in ``.<name>.new-<pid>`` (the writer was killed
+    during its swap): it goes into place. Back when ``out`` is missing and the previous version
+    sits in ``.<name>.old-<pid>``: it is put back. Then the leftovers — temp directories of
+    unfinished writes (``.tmp-``), set-aside copies (``.old-``, ``.trash-``) — are removed.
     """
-    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds and not out.exists():
-        os.replace(olds.pop(), out)
-    for p in olds + list(out.parent.glob(f".{out.name}.tmp-*")):
-        shutil.rmtree(p, ignore_errors=True)
+    news = _siblings(out, "new")
+    if news:
+        if out.exists():
+            os.replace(out, out.with_name(f".{out.name}.old-{os.getpid()}"))
+        os.replace(news[-1], out)
+        fsync_dir(out.parent)
+    elif not out.exists() and (olds := _siblings(out, "old")):
+        os.replace(olds[-1], out)
+        fsync_dir(out.parent)
+    for kind in ("new", "old", "tmp", "trash"):
+        for p in _siblings(out, kind):
+            remove_tree(p)
+
+
+def interrupted_commit(out: Path) -> bool:
+    """Whether a killed writer left a version of ``out`` beside it for :func:`recover_output`."""
+    return bool(_siblings(out, "new") or (not out.exists() and _siblings(out, "old")))
+
+
+def recover_for_reader(out: str | os.PathLike, lock: str | os.PathLike | None = None) -> None:
+    """A reader's half of recovery: when a writer was killed in the middle of swapping ``out``
+    (``out`` missing, or a new version waiting beside it), finish that commit
+    (:func:`recover_output`) under the writer's lock (``lock``: the output it guards, default
+    ``out``), so that the reader finds the complete old or new version where it looks. A live
+    writer's lock is an ArtifactError naming its pid."""
+    out = Path(out)
+    if not interrupted_commit(out):
+        return
+    try:
+        with output_lock(lock if lock is not None else out):
+            recover_output(out)
+    except OSError as e:
+        kept = (_siblings(out, "new") or _siblings(out, "old"))[-1]
+        raise ArtifactError(f"{out} was being replaced when its writer stopped; its last complete version "
+                            f"is {kept.name} beside it, and it cannot be moved back ({e.strerror})",
+                            f"rename {kept} to {out}") from None
 
 
 def swap_in(work: Path, out: Path) -> None:
-    """Put the complete artifact in ``work`` in the place of the one at ``out`` (which may be
-    absent). A crash between the two renames is undone by the next writer (:func:`recover_output`)."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    """Put the complete artifact in ``work`` in the place of the one at ``out`` (which may be absent).
+
+    ``work`` (its files fsynced by the writer) is renamed to ``.<name>.new-<pid>``, the previous
+    ``out`` to ``.<name>.old-<pid>``, the new one onto ``out``; then the old one is removed. A kill
+    at any step is finished by the next writer or reader (:func:`recover_output`): forward while
+    the new version waits, back while only the old one does.
+    """
+    pid = os.getpid()
+    new, old = out.with_name(f".{out.name}.new-{pid}"), out.with_name(f".{out.name}.old-{pid}")
+    os.replace(work, new)
+    crash_point("swap.staged", out)
     had = out.exists()
     if had:
         os.replace(out, old)
-    os.replace(work, out)
-    _fsync_dir(out.parent)
+        crash_point("swap.set-aside", out)
+    os.replace(new, out)
+    crash_point("swap.renamed", out)
+    fsync_dir(out.parent)
     if had:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
+
+
+def discard(path: Path) -> None:
+    """Remove a committed file or directory in one step for readers: renamed to
+    ``.<name>.trash-<pid>`` (no reader looks there), then deleted."""
+    trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
+    os.replace(path, trash)
+    crash_point("discard.renamed", path)
+    remove_tree(trash)
 
 
 def _umask_mode(mode: int = 0o777) -> int:
@@ -357,7 +515,8 @@ class ArtifactWriter:
         manifest = self._manifest()
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
-        _fsync_dir(self.tmp)
+        crash_point("commit.manifest-written", self.out)
+        fsync_tree(self.tmp)
         swap_in(self.tmp, self.out)  # the previous artifact is replaced only now that this one is complete
         return manifest
 
@@ -379,8 +538,7 @@ def artifact_dir(out: str | os.PathLike, fmt: str, *, force: bool = False) -> It
     out = Path(out)
     with output_lock(out):
         out = check_output_dir(out, force, fmt)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-        os.chmod(tmp, _umask_mode())  # mkdtemp makes 0700; an artifact gets the usual permissions
+        tmp = make_temp_dir(out)
         writer = ArtifactWriter(out=out, tmp=tmp, format=fmt)
         try:
             yield writer
@@ -427,12 +585,17 @@ def read_manifest(directory: str | os.PathLike, fmt: str, *, verify_hashes: bool
     Checks that the directory and manifest exist, the manifest's schema, that the format and
     version match, that every listed file lies inside the directory and is present with its
     recorded size and (``verify_hashes``, default :func:`verify_hashes_default`) sha256. Errors
-    name the command that produces the artifact.
+    name the command that produces the artifact. Entries a later commit of their own may change
+    are marked: ``append_only`` (a log), ``pointer`` (e.g. ``ckpt/latest.json``; its reader
+    checks it) are not compared; a ``prunable`` file (a checkpoint's) may be gone, and is
+    compared when present. A writer killed while swapping ``directory`` is finished first
+    (:func:`recover_for_reader`), so a reader never reports missing what sits recoverable beside it.
     """
     version, producer = FORMATS[fmt]
     directory = Path(directory)
     what = fmt.split(".", 1)[1]
     fix = f"recreate it with `{producer} --force`"
+    recover_for_reader(directory)
     if not directory.is_dir():
         hint = f"create it with `{producer}`"
         if directory.exists():
@@ -455,12 +618,12 @@ def read_manifest(directory: str | os.PathLike, fmt: str, *, verify_hashes: bool
     for name, meta in manifest["files"].items():
         p = inside(directory, name)
         check_schema(meta, f"{directory}/{MANIFEST} entry {name!r}", {"bytes": int, "sha256": str}, fix)
+        if meta.get("append_only") is True or meta.get("pointer") is True:
+            continue  # a log that grows (metrics.jsonl) or a pointer rewritten by its own commit: its reader checks it
         if not p.is_file():
+            if meta.get("prunable") is True:
+                continue  # a checkpoint file: pruned (or deleted) after this manifest was written
             raise ArtifactError(f"{directory} is incomplete: {name} is missing", fix)
-        if meta.get("append_only") is True:  # a log (metrics.jsonl): it may only have grown
-            if p.stat().st_size < meta["bytes"]:
-                raise ArtifactError(f"{p} is shorter than when it was recorded (truncated)", fix)
-            continue
         if p.stat().st_size != meta["bytes"] or (verify and sha256_file(p) != meta["sha256"]):
             raise ArtifactError(f"{p} is corrupt: modified after it was written (size or sha256 mismatch)", fix)
     return manifest

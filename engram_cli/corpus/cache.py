@@ -13,11 +13,11 @@ them makes a new entry. ``engram build-tables`` fills it in the tokenizer pass t
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.core.artifacts import atomic_write_json, sha256_file, verify_hashes_default
+from engram_cli.core.artifacts import (
+    atomic_write_json,
+    fsync_tree,
+    make_temp_dir,
+    sha256_file,
+    swap_in,
+    verify_hashes_default,
+)
 from engram_cli.core.errors import ArtifactError, InputError
 from engram_cli.core.progress import ProgressFn, report
 from engram_cli.corpus.spec import CorpusStats
@@ -95,11 +102,25 @@ def load_or_build_token_cache(spec, tokenizer, vocab, cache_dir: str | os.PathLi
     cached = _open_entry(entry_path(cache_dir, key), key)
     if cached is not None:
         return cached
-    with TokenCacheWriter(cache_dir, key, eos_id, tokenizer.fingerprint) as writer:
-        stats = CorpusStats()
-        for docs in iter_tokenized(spec, tokenizer.tokenizer, stats=stats, progress=progress):
-            writer.add(docs)
-        return writer.commit(stats)
+    try:
+        with TokenCacheWriter(cache_dir, key, eos_id, tokenizer.fingerprint) as writer:
+            stats = CorpusStats()
+            for docs in iter_tokenized(spec, tokenizer.tokenizer, stats=stats, progress=progress):
+                writer.add(docs)
+            return writer.commit(stats)
+    except OSError as e:
+        raise cache_write_error(e, cache_dir) from e
+
+
+def cache_write_error(e: OSError, cache_dir: str | os.PathLike) -> OSError | ArtifactError:
+    """An OSError met while writing in ``cache_dir`` as one line naming ``--cache-dir``; any other
+    (a corpus file, say) as it is, for the usual one-line disk error."""
+    cache_dir = Path(cache_dir)
+    if e.filename is None or not Path(e.filename).absolute().is_relative_to(cache_dir.absolute()):
+        return e
+    name = errno.errorcode.get(e.errno or 0, "OSError")
+    return ArtifactError(f"cannot write the token cache in {cache_dir}: {e.strerror or e} on {e.filename} ({name})",
+                         "pass a writable --cache-dir (it is created if missing)")
 
 
 def cache_dir_holding(key: str, default: str | os.PathLike, *others: str | os.PathLike | None) -> Path:
@@ -157,7 +178,7 @@ class TokenCacheWriter:
         self.tokens = self.documents = 0
         self._made_dir = not self.entry.parent.exists()  # removed again if nothing is committed
         self.entry.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.entry.name}.tmp-", dir=self.entry.parent))
+        self._tmp = make_temp_dir(self.entry)
         self._raw = self._tmp / "stream.raw"
         self._file = open(self._raw, "wb")  # noqa: SIM115 - closed by commit / close
 
@@ -191,14 +212,15 @@ class TokenCacheWriter:
                 "documents": self.documents, "eos_id": self.eos_id, "tokenizer": self.tokenizer_fp,
                 "corpus_stats": stats.to_dict()}
         atomic_write_json(self._tmp / CACHE_META, meta)
+        fsync_tree(self._tmp)
         entry = self.entry
-        try:
-            os.rename(self._tmp, entry)
-        except OSError:
-            # another process finished the same entry first (or a damaged one is in the way)
-            if _open_entry(entry, self.key) is None:
-                shutil.rmtree(entry, ignore_errors=True)
-                os.rename(self._tmp, entry)
+        if _open_entry(entry, self.key) is None:  # else another process finished the same entry first
+            try:
+                swap_in(self._tmp, entry)  # (replacing a damaged entry in the way)
+            except OSError:  # another process's entry landed between our renames
+                shutil.rmtree(entry.with_name(f".{entry.name}.new-{os.getpid()}"), ignore_errors=True)
+                if _open_entry(entry, self.key) is None:
+                    raise
         self.close()
         cached = _open_entry(entry, self.key)
         if cached is None:  # pragma: no cover - only if the file system lost what we just wrote

@@ -11,6 +11,7 @@ from typing import Any
 from engram_cli.core.artifacts import artifact_format
 from engram_cli.core.errors import ConfigError, InputError
 from engram_cli.corpus.spec import CorpusSpec
+from engram_cli.train.distributed import check_device
 from engram_cli.train.runs import RUN_FORMAT, load_run
 
 FORMAT = "engram.eval"
@@ -46,7 +47,10 @@ class EvalConfig:
     max_windows: int | None = None            # score at most this many windows per run, evenly spread
     batch_windows: int = 16                   # windows per forward call
     cache_dir: Path | None = None             # token cache of the runs (None: where each run recorded it)
-    device: str = "cpu"                       # torch device of the models
+    device: str = "cpu"                       # torch device of the models: auto, cpu, cuda or cuda:N
+
+    def __post_init__(self) -> None:
+        self.device = check_device(self.device)  # the one --device check (train, sweep, eval, inspect-gates)
 
     @property
     def text(self) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from engram_cli.corpus.spec import CorpusSpec
+from engram_cli.train.distributed import check_device
 from engram_cli.train.runs import LoadedRun
 
 TOKENS_FILE = "tokens.parquet"
@@ -43,7 +44,10 @@ class InspectGatesConfig:
     top: int = 15                              # corpus: n-grams listed per layer, order and end
     bins: int = 50                             # corpus: histogram bins over [0, 1]
     batch_windows: int = 16                    # windows per forward call
-    device: str = "cpu"                        # torch device of the model
+    device: str = "cpu"                        # torch device of the model: auto, cpu, cuda or cuda:N
+
+    def __post_init__(self) -> None:
+        self.device = check_device(self.device)  # the one --device check (train, sweep, eval, inspect-gates)
 
     @property
     def mode(self) -> str:

@@ -71,7 +71,7 @@ from engram_cli.tables.collision_plots import plot_slot_load_histogram, plot_swe
 from engram_cli.tables.collisions import CollisionReport, measure_tables, sweep_collisions
 from engram_cli.tables.counting import NgramCounter, counter_sizes, merge_stats
 from engram_cli.tables.hotrows import HotRowCurve, cache_lines, hot_row_curves, plot_hot_rows
-from engram_cli.tables.plan import PLAN_FILE, TABLE_DTYPES, TablePlan, make_plan, row_bytes
+from engram_cli.tables.plan import MAX_EMBED_DIM_PER_HEAD, PLAN_FILE, TABLE_DTYPES, TablePlan, make_plan, row_bytes
 from engram_cli.tables.presets import PLAN_OPTIONS, check_published_rows, resolve_plan_options
 from engram_cli.tables.shards import check_shards, read_shard
 from engram_cli.tables.sizing import target_size_for_collision_rate, target_size_for_memory_budget
@@ -275,6 +275,9 @@ def _check_config(c: BuildTablesConfig) -> None:
     need(c.memory_limit is None or c.memory_limit >= 1 << 20,
          f"a memory limit of {c.memory_limit} bytes is too small to count in", "give at least 1 MiB, e.g. --memory-limit 2GB")
     need(c.threads is None or c.threads >= 1, f"--threads must be at least 1, got {c.threads}", "e.g. --threads 8")
+    need(c.embed_dim_per_head is None or 1 <= c.embed_dim_per_head <= MAX_EMBED_DIM_PER_HEAD,
+         f"--embed-dim-per-head must be in [1, {MAX_EMBED_DIM_PER_HEAD:,}], got {c.embed_dim_per_head}",
+         "e.g. --embed-dim-per-head 64 (the reference's 512 / 8 heads)")
     row_bytes(c.dtype, c.embed_dim_per_head)
     if c.plan_only:
         need(c.corpus is None and not c.from_shards, "--plan-only reads no corpus, but one was given",

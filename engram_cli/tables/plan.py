@@ -38,6 +38,7 @@ PLAN_VERSION = 1
 MAX_LONG = 2**63 - 1      # np.iinfo(np.int64).max, the reference's bound for id * multiplier
 LAYER_SEED_STRIDE = 10007  # the reference's per-layer seed offset: seed + 10007 * layer_id
 MAX_TARGET_SIZE = 2**40    # far beyond any table that fits in memory; keeps prime search sane
+MAX_EMBED_DIM_PER_HEAD = 2**20  # values in one table row: far beyond any model (the reference: 64, V4: 256)
 
 #: storage types of table rows that memory figures are given in: name -> (bytes per value,
 #: values per one-byte scale or 0 for none). "fp8-e4m3-ue8m0" is DeepSeek V4.1-Flash's: fp8 e4m3
@@ -314,7 +315,9 @@ def make_plan(*, canonical_vocab_size: int, canonical_pad_id: int, original_voca
     need(0 <= pad_id < original_vocab_size, f"pad id {pad_id} is outside [0, {original_vocab_size})")
     need(max_ngram_size >= 2, f"max N-gram size must be at least 2, got {max_ngram_size}")
     need(n_head_per_ngram >= 1, f"heads per N-gram order must be at least 1, got {n_head_per_ngram}")
-    need(embed_dim_per_head >= 1, f"embedding dims per head must be at least 1, got {embed_dim_per_head}")
+    need(1 <= embed_dim_per_head <= MAX_EMBED_DIM_PER_HEAD,
+         f"embedding dims per head must be in [1, {MAX_EMBED_DIM_PER_HEAD:,}], got {embed_dim_per_head}",
+         "e.g. --embed-dim-per-head 64 (the reference's 512 / 8 heads)")
     layer_ids = tuple(int(x) for x in layer_ids)
     need(len(layer_ids) > 0, "no Engram layers given", "pass at least one layer id")
     need(len(set(layer_ids)) == len(layer_ids), f"layer ids repeat: {list(layer_ids)}",
@@ -449,8 +452,9 @@ class _PlanDoc:
                 raise bad(f"{k} must be an integer, got {d[k]!r}")
         max_n, vsize = d["max_ngram_size"], d["canonical_vocab_size"]
         if max_n < 2 or d["n_head_per_ngram"] < 1 or vsize < 1 or d["original_vocab_size"] < 1 \
-                or d["embed_dim_per_head"] < 1:
-            raise bad("max_ngram_size >= 2, n_head_per_ngram, vocabulary sizes and embed_dim_per_head >= 1 required")
+                or not 1 <= d["embed_dim_per_head"] <= MAX_EMBED_DIM_PER_HEAD:
+            raise bad("max_ngram_size >= 2, n_head_per_ngram and vocabulary sizes >= 1, "
+                      f"embed_dim_per_head in [1, {MAX_EMBED_DIM_PER_HEAD}] required")
         if not 0 <= d["canonical_pad_id"] < vsize:
             raise bad(f"canonical_pad_id {d['canonical_pad_id']} is outside [0, {vsize})")
         self.check_boundary()

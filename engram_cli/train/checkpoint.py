@@ -13,11 +13,13 @@ A run directory keeps its checkpoints under ``ckpt/``::
                                 numpy/python RNG states, sha256 and size of every file above
     ckpt/latest.json            {"step": 200, "dir": "step_000200"}: the newest complete checkpoint
 
-Writing: every file goes into ``ckpt/.tmp-step_000200-<pid>/`` (each fsynced), the directory is
-renamed to ``step_000200`` in one ``rename``, and only then is ``latest.json`` replaced (temp file
-+ rename). A crash at any point leaves the previous checkpoint and pointer intact; a leftover temp
-directory is ignored and removed by the next run. The oldest checkpoints beyond ``keep`` are
-deleted after the pointer moves.
+Writing (docs/artifacts.md, "The commit protocol"): every file goes into
+``ckpt/.step_000200.tmp-<pid>-XXXXXXXX/``, all are fsynced, the directory is swapped in as
+``step_000200`` (``artifacts.swap_in``: an older run's checkpoint at the same step is replaced),
+and only then is ``latest.json`` replaced (``artifacts.atomic_write_json``). The oldest checkpoints
+beyond ``keep`` are discarded after the pointer moves (each renamed aside, then deleted). A kill at
+any point leaves ``latest.json`` naming a complete checkpoint; what it left half-done is finished
+by the next writer (:func:`recover_checkpoints`) or reader (:func:`read_checkpoint`).
 
 Optimizer states: ``optimizer.state_dict()`` is split into its tensors (key
 ``<optimizer>.<param index>.<name>``) and the rest (JSON). SparseAdam's ``exp_avg`` and
@@ -37,8 +39,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engram_cli import __version__
-from engram_cli.core.artifacts import atomic_write_json, check_schema, inside, sha256_file
+from engram_cli.core.artifacts import (
+    atomic_write_json,
+    check_schema,
+    discard,
+    fsync_tree,
+    inside,
+    make_temp_dir,
+    recover_for_reader,
+    recover_output,
+    remove_tree,
+    sha256_file,
+    swap_in,
+)
 from engram_cli.core.errors import ArtifactError
 from engram_cli.tables.plan import TablePlan
 
@@ -171,14 +185,6 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module,
                     optimizers: dict[str, torch.optim.Optimizer], sparse_optimizers: tuple[str, ...] = (),
                     subvocab_ids: np.ndarray, plan: Any | None, state: dict[str, Any], keep: int = 2,
@@ -191,7 +197,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Mo
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    final = root / name
+    tmp = make_temp_dir(final)
     try:
         _save_tensors(model.state_dict(), tmp / MODEL_FILE, {"format": CKPT_FORMAT, "step": str(step)})
         opt_tensors: dict[str, torch.Tensor] = {}
@@ -207,24 +214,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Mo
         _save_tensors({"original_ids": torch.from_numpy(np.asarray(subvocab_ids, dtype=np.int64))}, tmp / SUBVOCAB_FILE)
         if plan is not None:
             plan.save(tmp / PLAN_FILE)
-        files = {}
-        for p in sorted(tmp.iterdir()):
-            _fsync(p)
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         doc = {"format": CKPT_FORMAT, "format_version": CKPT_VERSION, "engram_version": __version__,
                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, **state, "rng": rng_meta,
                "files": files}
         (tmp / STATE_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _fsync(tmp / STATE_FILE)
-        final = root / name
-        if final.exists():  # an older run's checkpoint at this step (resumed from before it): replace
-            old = root / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync(root)
+        fsync_tree(tmp)
+        swap_in(tmp, final)  # replaces an older run's checkpoint at this step (resumed from before it)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -245,21 +241,33 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def prune(run_dir: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (never the one ``latest.json`` names)."""
+    """Discard all but the newest ``keep`` checkpoints (never the one ``latest.json`` names)."""
     latest = latest_step(run_dir)
     ckpts = list_checkpoints(run_dir)
     for step, path in ckpts[: max(0, len(ckpts) - max(1, keep))]:
         if step != latest:
-            shutil.rmtree(path, ignore_errors=True)
+            discard(path)
 
 
-def remove_stale_temp(run_dir: str | os.PathLike) -> None:
-    """Remove temp directories a crashed writer left in ``ckpt/``."""
+#: what a killed writer may leave in ckpt/: ``.step_NNNNNN.{tmp,new,old,trash}-<pid>...``
+_LEFT = re.compile(r"^\.(step_\d+)\.(?:tmp|new|old|trash)-")
+
+
+def recover_checkpoints(run_dir: str | os.PathLike) -> None:
+    """Finish what a killed checkpoint writer left in ``ckpt/`` (the writer holds the run's lock):
+    a swap cut short is completed or undone (``artifacts.recover_output``), temp directories and
+    set-aside copies are removed, and so are the temp files of a ``latest.json`` never renamed."""
     root = Path(run_dir) / CKPT_DIR
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        if not p.exists():
+            continue  # removed by the recovery of an earlier entry
+        m = _LEFT.match(p.name)
+        if m:
+            recover_output(root / m.group(1))
+        elif p.name.startswith((".tmp-", ".old-", f".{LATEST}.")):  # (.tmp-/.old-: older engram's names)
+            remove_tree(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +347,7 @@ def read_checkpoint(run_dir: str | os.PathLike, step: int | None = None, verify:
             raise ArtifactError(f"{run_dir} has no checkpoint ({CKPT_DIR}/{LATEST} is missing)",
                                 "train it with `engram train` (or start it over with --force)")
     path = run_dir / CKPT_DIR / step_dir_name(step)
+    recover_for_reader(path, lock=run_dir)  # a writer killed while swapping it in
     if not path.is_dir():
         have = ", ".join(str(s) for s, _ in list_checkpoints(run_dir)) or "none"
         raise ArtifactError(f"{run_dir} has no checkpoint at step {step} (checkpoints: {have})",

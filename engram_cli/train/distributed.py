@@ -33,17 +33,35 @@ class Dist:
         return self.rank == 0
 
 
-def resolve_device(spec: str, local_rank: int = 0):
-    """``auto`` | ``cpu`` | ``cuda`` -> a torch.device (``cuda:local_rank`` when CUDA is used)."""
+def check_device(spec: str) -> str:
+    """The one check of ``--device`` (train, sweep, eval, inspect-gates): ``auto`` | ``cpu`` |
+    ``cuda`` | ``cuda:N`` -> the name of the torch device it means on this machine (``auto``: cuda
+    when available, else cpu). A device this build or machine lacks is a ConfigError."""
+    spec = str(spec).strip().lower()
+    kind, _, index = spec.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"--device must be auto, cpu or cuda (or cuda:N), got {spec!r}", "e.g. --device cpu")
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {spec} was asked for but CUDA is not available (torch {torch.__version__})",
+                              "use --device cpu (or auto)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                              f"pass cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    return spec
 
-    if spec not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {spec!r}", "e.g. --device cpu")
-    if spec == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device cuda was asked for but CUDA is not available (torch {torch.__version__})",
-                          "use --device cpu (or auto)")
-    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+
+def resolve_device(spec: str, local_rank: int = 0):
+    """``--device`` (:func:`check_device`) -> a torch.device; plain ``cuda`` is ``cuda:local_rank``."""
+
+    name = check_device(spec)
+    if name == "cpu":
         return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
 
 
 def init_distributed(device) -> Dist:

@@ -28,6 +28,7 @@ import torch
 
 from engram_cli.core.artifacts import (
     MANIFEST,
+    artifact_format,
     atomic_write_bytes,
     atomic_write_json,
     check_output_dir,
@@ -60,9 +61,31 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
             raise ArtifactError(f"there is no run to resume in {out}", "start it without --resume")
         return
     if exists and not force:
+        if started_without_checkpoint(out):
+            return  # a new run stopped before its first checkpoint: nothing to resume, replaced like --force
         raise ArtifactError(f"run directory {out} already exists",
                             "continue it with --resume, replace it with --force, or choose another --out")
     check_output_dir(out, force, RUN_FORMAT)
+
+
+#: what a run directory holds before its first checkpoint
+_STARTED = {MANIFEST, CONFIG_FILE, METRICS_FILE, PLAN_FILE, TENSORBOARD_DIR, ckpt_mod.CKPT_DIR}
+
+
+def started_without_checkpoint(out: Path) -> bool:
+    """Whether ``out`` is a run killed (or stopped) before it committed a checkpoint: its
+    config.json or manifest is engram's, it holds nothing else a run does not write, and no
+    ``ckpt/latest.json`` (the commit point of a checkpoint: a step directory without it is one
+    the kill cut short)."""
+    names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    if not names <= _STARTED or ckpt_mod.latest_step(out) is not None:
+        return False
+    if artifact_format(out) == RUN_FORMAT:
+        return True
+    try:
+        return json.loads((out / CONFIG_FILE).read_text(encoding="utf-8")).get("format") == CONFIG_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def open_out(out: Path, *, resume: bool, config_doc: dict, plan=None) -> Path:
@@ -80,7 +103,7 @@ def open_out(out: Path, *, resume: bool, config_doc: dict, plan=None) -> Path:
         work = out.with_name(f".{out.name}.tmp-{os.getpid()}-run")
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt_mod.remove_stale_temp(work)
+    ckpt_mod.recover_checkpoints(work)
     atomic_write_json(work / CONFIG_FILE, config_doc)
     if plan is not None:
         plan.save(work / PLAN_FILE)
@@ -166,6 +189,11 @@ class RunManifest:
                 continue
             if rel == METRICS_FILE or rel.startswith(f"{TENSORBOARD_DIR}/"):  # logs that grow after this manifest
                 files[rel]["append_only"] = True
+        for rel, meta in files.items():  # the checkpoints' own commits change these after this manifest
+            if rel == f"{ckpt_mod.CKPT_DIR}/{ckpt_mod.LATEST}":
+                meta["pointer"] = True      # moved by the next checkpoint before the manifest is rewritten
+            elif rel.startswith(f"{ckpt_mod.CKPT_DIR}/"):
+                meta["prunable"] = True     # discarded by a later checkpoint's pruning
         return files
 
 
