@@ -3,8 +3,9 @@ Engram module, and the sparsity allocation between experts and table slots.
 
 Owns: ``config`` (:class:`ModelConfig`), ``moe`` (router, experts, load-balancing loss and the
 plain-loop reference), ``transformer`` (:class:`Engram`, :class:`EngramModel`,
-:func:`param_counts`) and ``budget`` (:func:`allocate`: experts vs Engram slots at fixed total and
-activated parameters).
+:func:`param_counts`), ``budget`` (:func:`allocate`: experts vs Engram slots at fixed total and
+activated parameters) and ``quant`` (table rows at serving precision: bf16, fp8 e4m3 with ue8m0
+group scales; :func:`quantize_dequantize`, :func:`quantization_error`, :func:`quantized_tables`).
 
 Imports: ``engram_cli.core`` and ``engram_cli.tables`` (the plan and the hash).
 """
