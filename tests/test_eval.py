@@ -181,6 +181,142 @@ def test_confidence_interval_of_equal_windows_is_the_textbook_one():
 
 
 # ---------------------------------------------------------------------------------------------
+# collision exposure
+
+
+def tiny_plan(**kw):
+    from engram_cli.tables.plan import make_plan
+
+    return make_plan(canonical_vocab_size=12, canonical_pad_id=0, original_vocab_size=12, layer_ids=(0,),
+                     max_ngram_size=3, n_head_per_ngram=2, **kw)
+
+
+def grams(*rows):
+    return np.array(rows, dtype=np.int64)
+
+
+def test_exposure_of_a_one_row_plan_by_hand():
+    # one row per head: every n-gram of an order shares it with every other, so a head of order n
+    # exposes a position unless its n-gram is (one of) the most frequent of that order
+    plan = tiny_plan(target_sizes=(1, 1), single_row=True)
+    train = {2: (grams([1, 2], [2, 3], [3, 1], [2, 4]), np.array([3, 2, 2, 1])),
+             3: (grams([1, 2, 3], [2, 3, 1], [3, 1, 2]), np.array([2, 2, 1]))}   # a tie at the top of order 3
+    read = {2: grams([1, 2], [2, 3], [5, 6], [1, 2]), 3: grams([1, 2, 3], [3, 1, 2], [7, 7, 7], [9, 9, 9])}
+    # (1,2) is the most frequent bigram and (1,2,3) ties for the top: 0; (2,3) and (3,1,2) are beaten: 2 + 2;
+    # unseen n-grams are beaten by any training n-gram: 2 + 2; the most frequent bigram, an unseen trigram: 0 + 2
+    assert E.collision_exposure(read, train, plan, 0, 12).tolist() == [0, 4, 4, 2]
+    assert E.exposure_buckets(plan) == ("0", "1", "2", "3", "4")
+
+
+def test_exposure_equals_a_brute_force_over_tiny_prime_tables():
+    from engram_cli.tables.hashing import hash_ngrams_reference
+
+    plan = tiny_plan(target_sizes=(2, 3))
+    assert all(p <= 7 for order in plan.primes[0] for p in order)  # tables of 2..7 rows: collisions everywhere
+    rng = np.random.default_rng(0)
+    train, read = {}, {}
+    for n in (2, 3):
+        uniq = np.unique(rng.integers(1, 6, size=(40, n)), axis=0)
+        train[n] = (uniq, rng.integers(1, 5, size=uniq.shape[0]))  # ties are frequent
+        read[n] = np.concatenate([uniq[:10], rng.integers(1, 8, size=(30, n))])  # seen and (often) unseen
+
+    def slot(g, head):
+        n = len(g)
+        return int(hash_ngrams_reference(np.array([g]), plan, 0)[0, n - 1, (n - 2) * 2 + head])
+
+    expected = np.zeros(40, dtype=np.int64)
+    for n in (2, 3):
+        counts = {tuple(g): c for g, c in zip(train[n][0].tolist(), train[n][1].tolist())}
+        for i, q in enumerate(map(tuple, read[n].tolist())):
+            own = counts.get(q, 0)
+            for head in range(2):
+                s = slot(q, head)
+                expected[i] += any(g != q and c > own and slot(g, head) == s for g, c in counts.items())
+    got = E.collision_exposure(read, train, plan, 0, 12)
+    assert got.tolist() == expected.tolist() and len(set(got.tolist())) > 2
+
+
+@pytest.mark.parametrize("boundary", ["pad-start", "document"])
+def test_read_ngrams_hash_to_the_rows_the_model_reads(boundary):
+    """The n-grams behind the exposure are those the model hashes: window by window, pad before the
+    window's start, and under the document rule before the document's start."""
+    from engram_cli.tables.hashing import hash_ngrams
+
+    plan = tiny_plan(target_sizes=(101, 103), boundary=boundary, separator_id=11, canonical_separator_id=11)
+    rng = np.random.default_rng(1)
+    stream = rng.integers(1, 11, size=200)
+    stream[rng.choice(200, 12, replace=False)] = 11  # separators
+    canonical = np.arange(12)
+    windows = E.plan_windows(((0, 120), (120, 200)), 16)
+    lengths = windows[:, 1] - windows[:, 0]
+    model = np.concatenate([hash_ngrams(canonical[stream[s:e]][None], plan, 0)[0] for s, e in windows])  # (P, H)
+    for n in (2, 3):
+        read = E.read_ngrams(stream, windows, canonical, n, plan.canonical_pad_id,
+                             (11, plan.canonical_pad_id) if plan.restarts else None)
+        assert read.shape == (int(lengths.sum()), n)
+        assert np.array_equal(E.ngram_slots(read, plan, 0), model[:, (n - 2) * 2:(n - 1) * 2])
+    assert (read == plan.canonical_pad_id).any()  # the window starts read pad
+
+
+def test_exposure_buckets_of_a_run(run, result):
+    r = result.runs[0]
+    assert r.exposure_layer == run.layer_ids[0] == 1 and r.exposure_heads == run.plan.total_heads == 4
+    got = [b for b in r.buckets if b.kind == "exposure"]
+    assert [b.bucket for b in got] == ["0", "1", "2", "3", "4"]
+    assert sum(b.tokens for b in got) == r.tokens and sum(1 for b in got if b.tokens) >= 2
+    for field, overall in (("loss", r.loss), ("delta", r.delta)):
+        assert sum(b.tokens * getattr(b, field) for b in got if b.tokens) / r.tokens == pytest.approx(overall, rel=1e-12)
+    assert all(b.delta_ci95[0] <= b.delta <= b.delta_ci95[1] for b in got if b.tokens > 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# tables at serving precision
+
+
+@pytest.mark.parametrize("dtype,close", [("bf16", 0.01), ("fp8-e4m3", 0.05)])
+def test_table_dtype_scores_the_stored_tables_beside_fp32(run_dir, result, dtype, close):
+    res = E.evaluate(E.EvalConfig(runs=[run_dir], table_dtype=dtype))
+    r, ref = res.runs[0], result.runs[0]
+    assert res.table_dtype == r.table_dtype == dtype and r.loss == ref.loss  # the fp32 score is unchanged
+    assert math.isfinite(r.quant_loss) and abs(r.quant_delta) < close and r.quant_delta != 0
+    assert r.quant_delta == pytest.approx(r.quant_loss - r.loss, abs=1e-12)
+    assert r.quant_delta_ci95[0] <= r.quant_delta <= r.quant_delta_ci95[1]
+    for kind in ("count", "exposure"):
+        got = [b for b in r.buckets if b.kind == kind and b.tokens]
+        assert sum(b.tokens * b.quant_delta for b in got) / r.tokens == pytest.approx(r.quant_delta, rel=1e-9)
+    assert [(e["layer"], e["head"], e["order"]) for e in r.quant_errors] == [(1, 0, 2), (1, 1, 2), (1, 2, 3), (1, 3, 3)]
+    assert all(0 < e["rel_l2"] < (0.07 if dtype == "fp8-e4m3" else 0.005) for e in r.quant_errors)
+
+
+def test_quantized_tables_change_the_losses_and_come_back(run):
+    from engram_cli.model.quant import quantized_tables
+
+    before = [w.detach().clone() for w in run.model.engram_table_parameters()]
+    split, windows = heldout_windows(run)
+    fp32 = E.token_losses(run, split.stream, windows[:4])
+    with quantized_tables(run.model, "fp8-e4m3"):
+        fp8 = E.token_losses(run, split.stream, windows[:4])
+    assert not np.array_equal(fp8, fp32) and np.allclose(fp8, fp32, atol=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.engram_table_parameters()))
+    assert np.array_equal(E.token_losses(run, split.stream, windows[:4]), fp32)
+
+
+def test_cli_table_dtype(run_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    r = invoke(str(run_dir), "--table-dtype", "fp8-e4m3", "--max-windows", "4", "--out", str(tmp_path / "ev"),
+               "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "fp8-e4m3 Δ" in r.stdout and "tables at fp8-e4m3: relative L2 error" in r.stdout
+    table = pq.read_table(tmp_path / "ev" / E.BUCKETS_FILE).to_pylist()
+    assert {x["table_dtype"] for x in table} == {"fp8-e4m3"} and all(x["quant_loss"] is not None for x in table
+                                                                    if x["tokens"])
+    data = json.loads(invoke(str(run_dir), "--table-dtype", "bf16", "--max-windows", "4", "--json").stdout)
+    assert data["table_dtype"] == "bf16" and data["runs"][0]["quant_delta"] is not None
+    assert all("quant_delta" in b for b in data["runs"][0]["buckets"])
+
+
+# ---------------------------------------------------------------------------------------------
 # bits per byte
 
 
@@ -202,6 +338,7 @@ def test_bits_per_byte_by_hand(run_dir, run, tmp_path):
 
 
 def test_cli_end_to_end(run_dir, baseline_dir, tmp_path):
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     out = tmp_path / "ev"
@@ -214,8 +351,13 @@ def test_cli_end_to_end(run_dir, baseline_dir, tmp_path):
     assert manifest["format"] == "engram.eval" and manifest["summary"]["knockout"] == "engram"
     table = pq.read_table(out / E.BUCKETS_FILE)
     assert table.column_names == ["run", "step", "run_dir", "kind", "bucket", "tokens", "loss", "knockout_loss",
-                                  "delta"]
-    assert table.num_rows == 1 + len(E.COUNT_BUCKETS) + len(E.SCRIPT_BUCKETS)
+                                  "delta", "delta_lo", "delta_hi", "table_dtype", "quant_loss", "quant_delta",
+                                  "quant_delta_lo", "quant_delta_hi"]
+    assert table.num_rows == 1 + len(E.COUNT_BUCKETS) + len(E.SCRIPT_BUCKETS) + 5  # exposure 0..4 (2 heads x 2 orders)
+    exposure = table.filter(pc.equal(table["kind"], "exposure")).to_pylist()
+    assert [x["bucket"] for x in exposure] == ["0", "1", "2", "3", "4"]
+    assert all(x["delta_lo"] <= x["delta"] <= x["delta_hi"] for x in exposure if x["tokens"] > 1)
+    assert "Loss by collision exposure: heads of layer 1" in r.stdout
     r = invoke(str(run_dir), str(baseline_dir), "--json", "--max-windows", "5")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
@@ -242,6 +384,11 @@ def test_error_empty_corpus(run_dir, tmp_path):
 def test_error_knockout_of_a_pure_moe_run(run_dir, baseline_dir):
     one_red_line(invoke(str(run_dir), str(baseline_dir), "--knockout", "engram"), "has no Engram layers")
     one_red_line(invoke(str(run_dir), "--knockout", "experts"), "unknown knockout")
+
+
+def test_error_table_dtype_unknown_or_without_tables(run_dir, baseline_dir):
+    one_red_line(invoke(str(run_dir), "--table-dtype", "fp16"), "unknown table dtype 'fp16'", "fp8-e4m3")
+    one_red_line(invoke(str(run_dir), str(baseline_dir), "--table-dtype", "fp8-e4m3"), "no tables to quantize")
 
 
 def test_error_bucket_n_beyond_the_plan(run_dir):

@@ -13,14 +13,23 @@ corpus, with its own sub-vocabulary:
 * **knockout** (``knockout="engram"``): the same with every Engram module's output switched off
   at inference (``EngramModel.engram_knockout``), and the difference per bucket — the paper's
   Section 6 ablation (arXiv 2601.07372), where removing the memory destroys most factual recall
-  while reading comprehension survives.
+  while reading comprehension survives;
+* **what collisions cost**: the loss by collision exposure — in how many of the first Engram
+  layer's heads (all orders) the row a position reads is shared with a more frequent training
+  n-gram (0 .. H) — so that the knockout delta per exposure shows whether multi-head hashing
+  keeps shared rows harmless;
+* **serving precision** (``table_dtype="bf16"`` or ``"fp8-e4m3"``): the same with the Engram
+  tables stored at that dtype (``engram_cli.model.quant``) and the difference from the trained
+  fp32 tables per bucket, with the quantization error of every head.
 
 The modules, in dependency order:
 
 * ``config``: :class:`EvalConfig`, the buckets, the files written;
 * ``texts``: the run's training split (from its token cache), the scored text, windows, UTF-8 bytes;
-* ``buckets``: exact training n-gram counts (``engram_cli.tables.keys``), their lookup, scripts;
-* ``losses``: per-token losses over windows (memory on or off), confidence intervals, bits per byte;
+* ``buckets``: exact training n-gram counts (``engram_cli.tables.keys``), their lookup, scripts,
+  the collision exposure (``engram_cli.tables.hashing``);
+* ``losses``: per-token losses over windows (memory on or off), confidence intervals, bits per byte
+  (the tables at another dtype through ``engram_cli.model.quant.quantized_tables``);
 * ``plots``: the picture (``engram_cli.core.plotting``);
 * ``report``: :func:`evaluate` (the command's one library call), :class:`EvalResult`, the artifact.
 
@@ -36,12 +45,18 @@ Imports: ``core`` .. ``train``; never ``gates`` or ``sweep``.
 from __future__ import annotations
 
 from engram_cli.eval.buckets import (
+    collision_exposure,
     context_ngrams,
     count_buckets,
+    exposure_buckets,
     lookup_counts,
+    ngram_slots,
+    read_ngrams,
     script_of,
+    slot_max_counts,
     token_scripts,
     training_ngram_counts,
+    training_ngram_tables,
 )
 from engram_cli.eval.config import (
     BUCKETS_FILE,
@@ -50,6 +65,7 @@ from engram_cli.eval.config import (
     FORMAT,
     PLOT_PNG,
     PLOT_SVG,
+    REFERENCE_DTYPE,
     SCRIPT_BUCKETS,
     EvalConfig,
 )
@@ -72,5 +88,7 @@ __all__ = [
     "training_split", "heldout_text", "corpus_text", "read_corpus", "plan_windows", "target_positions",
     "utf8_bytes", "ScoredText", "TrainingSplit", "training_ngram_counts", "context_ngrams", "lookup_counts",
     "count_buckets", "script_of", "token_scripts", "token_losses", "window_sums", "mean_ci95", "bits_per_byte",
-    "FORMAT", "FILES", "BUCKETS_FILE", "PLOT_PNG", "PLOT_SVG", "COUNT_BUCKETS", "SCRIPT_BUCKETS",
+    "training_ngram_tables", "read_ngrams", "ngram_slots", "slot_max_counts", "collision_exposure",
+    "exposure_buckets", "FORMAT", "FILES", "BUCKETS_FILE", "PLOT_PNG", "PLOT_SVG", "COUNT_BUCKETS",
+    "SCRIPT_BUCKETS", "REFERENCE_DTYPE",
 ]

@@ -24,6 +24,7 @@ FILES = ("manifest.json", BUCKETS_FILE, PLOT_PNG, PLOT_SVG)
 KIND_ALL = "all"          # one bucket: every evaluated token
 KIND_COUNT = "count"      # by the training count of the n-gram (n-1 preceding tokens + the target)
 KIND_SCRIPT = "script"    # by the script of the target token
+KIND_EXPOSURE = "exposure"  # by how many heads share the row read with a more frequent n-gram (0 .. H)
 #: training-count buckets: count 0, 1, 2-9, 10-99, >= 100 (edges are the lowest count of buckets 1..4)
 COUNT_BUCKETS = ("unseen", "1", "2–9", "10–99", "≥100")
 COUNT_EDGES = (1, 2, 10, 100)
@@ -32,6 +33,7 @@ SCRIPT_BUCKETS = ("Latin", "CJK", "digits & punctuation", "other")
 #: order of the bucket n-gram when no run has a table plan (the reference's max_ngram_size)
 DEFAULT_BUCKET_N = 3
 KNOCKOUTS = ("engram",)   # what --knockout can switch off
+REFERENCE_DTYPE = "fp32"  # the tables as trained; --table-dtype scores another dtype beside it
 
 
 @dataclass
@@ -42,6 +44,7 @@ class EvalConfig:
     corpus: CorpusSpec | None = None          # score this corpus; None: each run's own held-out split
     bucket_n: int | None = None               # order of the bucket n-gram; None: the plans' max_ngram_size
     knockout: str | None = None               # "engram": also score with every Engram module switched off
+    table_dtype: str = REFERENCE_DTYPE        # bf16 / fp8-e4m3: also score with the tables stored so (quant.py)
     out: Path | None = None                   # artifact directory (Parquet, picture, manifest)
     force: bool = False                       # replace an existing --out directory
     max_windows: int | None = None            # score at most this many windows per run, evenly spread
