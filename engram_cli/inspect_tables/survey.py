@@ -23,10 +23,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from engram_cli.core.progress import ProgressFn, report
 from engram_cli.inspect_tables.ngrams import LayerNgrams, ngram_records
 from engram_cli.inspect_tables.rows import TableRows, initial_rows, updated_rows
+from engram_cli.model.quant import quantize_dequantize
 from engram_cli.train.runs import LoadedRun
 from engram_cli.vocab.normalize import VocabMap
 
@@ -63,6 +65,12 @@ class HeadSurvey:
     count_share_2: float
     count_share_3plus: float
     colliding: int                  # n-grams in rows of load >= 2 (build-tables' "colliding")
+    # serving precision (engram_cli.model.quant): the head's rows stored as bf16 / as fp8 e4m3 with
+    # one ue8m0 scale per 32 values (V4.1-Flash's storage): relative L2 error and largest |error|
+    bf16_rel_l2: float
+    bf16_max_abs: float
+    fp8_rel_l2: float
+    fp8_max_abs: float
     singular_values: list[float] = field(default_factory=list, repr=False)
     singular_values_init: list[float] = field(default_factory=list, repr=False)
 
@@ -143,6 +151,25 @@ def near_duplicates(x: np.ndarray, cosine: float) -> int:
     return int(((sim >= cosine) & (nrm > 0) & (nrm.T > 0)).any(axis=1).sum())
 
 
+class QuantError:
+    """The error of storing a table at a serving dtype, accumulated block by block of rows (each
+    row is quantized on its own, so the sums over blocks equal the whole table's)."""
+
+    def __init__(self) -> None:
+        self.err_sq = self.norm_sq = self.max_abs = 0.0
+
+    def add(self, rows: np.ndarray, dtype: str) -> None:
+        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        diff = quantize_dequantize(x, dtype).to(torch.float64) - x.to(torch.float64)
+        self.err_sq += float((diff * diff).sum())
+        self.norm_sq += float((x.to(torch.float64) ** 2).sum())
+        self.max_abs = max(self.max_abs, float(diff.abs().max()) if diff.numel() else 0.0)
+
+    @property
+    def rel_l2(self) -> float:
+        return math.sqrt(self.err_sq / self.norm_sq) if self.norm_sq else 0.0
+
+
 def survey_layer(run: LoadedRun, table: TableRows, ln: LayerNgrams, vocab: VocabMap, *, block_rows: int,
                  top: int, sharing: int, duplicate_rows: int, duplicate_cosine: float,
                  progress: ProgressFn | None = None) -> LayerSurvey:
@@ -162,9 +189,12 @@ def survey_layer(run: LoadedRun, table: TableRows, ln: LayerNgrams, vocab: Vocab
         gram0 = np.zeros((D, D))
         lo, hi = h.offset, h.offset + h.size
         order[lo:hi] = h.n
+        quant = {dtype: QuantError() for dtype in ("bf16", "fp8-e4m3")}
         for a in range(lo, hi, block_rows):
             b = min(a + block_rows, hi)
             w = table.read(layer, a, b)                           # (R, D) trained
+            for dtype, q in quant.items():  # rows quantize on their own: blocks add up exactly
+                q.add(w, dtype)
             w0 = initial_rows(run, layer, slice(a, b))            # (R, D) initial
             norm[a:b] = np.linalg.norm(w, axis=1)
             move[a:b] = np.linalg.norm(w - w0, axis=1)
@@ -202,6 +232,8 @@ def survey_layer(run: LoadedRun, table: TableRows, ln: LayerNgrams, vocab: Vocab
             load_1=int((load == 1).sum()), load_2=int((load == 2).sum()), load_3plus=int((load >= 3).sum()),
             count_share_1=float(cnt[load == 1].sum() / total), count_share_2=float(cnt[load == 2].sum() / total),
             count_share_3plus=float(cnt[load >= 3].sum() / total), colliding=int(load[load >= 2].sum()),
+            bf16_rel_l2=quant["bf16"].rel_l2, bf16_max_abs=quant["bf16"].max_abs,
+            fp8_rel_l2=quant["fp8-e4m3"].rel_l2, fp8_max_abs=quant["fp8-e4m3"].max_abs,
             singular_values=sv.tolist(), singular_values_init=sv0.tolist()))
         top_rows += _top_rows(ln, h.head, move[lo:hi], norm[lo:hi], u, vocab, top, sharing)
     return LayerSurvey(layer=layer, heads=heads, frequency=frequency_rows(layer, ln.count, norm, move, order, upd),
