@@ -278,3 +278,46 @@ def test_too_few_tasks_is_a_config_error(tmp_path):
     spec = CorpusSpec(_corpus(tmp_path))
     with pytest.raises(ConfigError, match="--tasks must be at least 1"):
         split_tasks(spec, corpus_fingerprint(spec), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep --engine ray
+
+
+_TIMING = {"seconds", "tokens_per_second", "sweep_seconds", "run_dir", "action"}
+
+
+def _rows(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in _TIMING} for r in rows]
+
+
+@pytest.mark.slow
+def test_sweep_on_ray_gives_the_numbers_of_jobs_2_and_resumes(tmp_path, tiny_tables, ray_local, monkeypatch):
+    from conftest import TINY_RUN_CORPUS, TINY_RUN_SETS
+
+    from engram_cli.sweep import SweepConfig, sweep
+
+    def cfg(out, **kw):
+        return SweepConfig(kind="allocation", out=out, tables=tiny_tables, sources=TINY_RUN_CORPUS,
+                           overrides=list(TINY_RUN_SETS), ratios=[1.0, 0.5], seeds=[0], threads=1, evaluate=False,
+                           **kw)
+
+    jobs = sweep(cfg(tmp_path / "jobs", jobs=2))
+    ray = sweep(cfg(tmp_path / "ray", engine="ray"))
+    assert sorted(ray.trained) == sorted(jobs.trained) and len(ray.trained) == 2
+    assert _rows(ray.runs) == _rows(jobs.runs)
+    assert _rows(ray.points) == _rows(jobs.points)
+    assert sorted(p.name for p in (tmp_path / "ray" / "runs").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "jobs" / "runs").iterdir())
+    again = sweep(cfg(tmp_path / "ray", engine="ray"))  # finished runs are never trained again
+    assert again.trained == [] and _rows(again.runs) == _rows(ray.runs)
+
+
+def test_sweep_engine_options_that_do_not_go_together(tmp_path, tiny_tables):
+    from conftest import TINY_RUN_CORPUS
+
+    base = ["sweep", "allocation", *TINY_RUN_CORPUS, "-T", str(tiny_tables), "-o", str(tmp_path / "s"),
+            "--ratios", "1,0.5"]
+    one_red_line(runner.invoke(app, [*base, "--engine", "ray", "--jobs", "2"]), "--jobs is for --engine local")
+    one_red_line(runner.invoke(app, [*base, "--ray-address", "h:1"]), "--ray-address is for --engine ray")
+    assert not (tmp_path / "s").exists()

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from engram_cli.commands.options import Force, Json, Quiet
+from engram_cli.commands.options import Engine, Force, Json, Quiet, RayAddress
 from engram_cli.commands.render import count
 
 EXAMPLES = [
@@ -78,12 +78,13 @@ def allocation_command(
     config: Config = None, set_: Sets = None, seeds: Seeds = "0", jobs: Jobs = 1, threads: Threads = None,
     evaluate: Evaluate = True, eval_windows: EvalWindows = None, device: Device = "auto", cache_dir: CacheDir = None,
     log: Log = None, force: Force = False, json_out: Json = False, quiet: Quiet = False,
+    engine: Engine = "local", ray_address: RayAddress = None,
 ) -> None:
     """Loss against the allocation ratio rho at equal total and activated parameters (the paper's Figure 3)."""
     from engram_cli.sweep import parse_ratios
 
     _run("allocation", corpus, tables, out, config, set_, seeds, jobs, threads, evaluate, eval_windows, device,
-         cache_dir, log, force, json_out, quiet, ratios=parse_ratios(ratios))
+         cache_dir, log, force, json_out, quiet, ratios=parse_ratios(ratios), engine=engine, ray_address=ray_address)
 
 
 @app.command("memory", epilog="Example: engram sweep memory corpus/ -T out/tables -c configs/tiny.toml "
@@ -95,12 +96,13 @@ def memory_command(
     config: Config = None, set_: Sets = None, seeds: Seeds = "0", jobs: Jobs = 1, threads: Threads = None,
     evaluate: Evaluate = True, eval_windows: EvalWindows = None, device: Device = "auto", cache_dir: CacheDir = None,
     log: Log = None, force: Force = False, json_out: Json = False, quiet: Quiet = False,
+    engine: Engine = "local", ray_address: RayAddress = None,
 ) -> None:
     """Loss against the Engram table size with the backbone fixed, a power law fitted (the paper's Figure 4)."""
     from engram_cli.sweep import parse_slots
 
     _run("memory", corpus, tables, out, config, set_, seeds, jobs, threads, evaluate, eval_windows, device,
-         cache_dir, log, force, json_out, quiet, slots=parse_slots(slots))
+         cache_dir, log, force, json_out, quiet, slots=parse_slots(slots), engine=engine, ray_address=ray_address)
 
 
 @app.command("grid", epilog="Example: engram sweep grid corpus/ -T out/tables -c configs/tiny.toml "
@@ -114,12 +116,14 @@ def grid_command(
     config: Config = None, set_: Sets = None, seeds: Seeds = "0", jobs: Jobs = 1, threads: Threads = None,
     evaluate: Evaluate = True, eval_windows: EvalWindows = None, device: Device = "auto", cache_dir: CacheDir = None,
     log: Log = None, force: Force = False, json_out: Json = False, quiet: Quiet = False,
+    engine: Engine = "local", ray_address: RayAddress = None,
 ) -> None:
     """Every combination of the axes' values (the ablations of the paper's Section 6)."""
     from engram_cli.sweep import parse_axis
 
     _run("grid", corpus, tables, out, config, set_, seeds, jobs, threads, evaluate, eval_windows, device,
-         cache_dir, log, force, json_out, quiet, axes=[parse_axis(a) for a in axis], allocation=allocation)
+         cache_dir, log, force, json_out, quiet, axes=[parse_axis(a) for a in axis], allocation=allocation,
+         engine=engine, ray_address=ray_address)
 
 
 # ---------------------------------------------------------------------------------------------
