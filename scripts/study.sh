@@ -11,6 +11,8 @@
 #   CONFIG=configs/study.toml  SEEDS=0,1,2  JOBS=2  STEPS=120  EVAL_WINDOWS=200
 #   RATIOS=1,0.9,0.75,0.5,0.25     SLOTS=1,1e3,1e4,1e5,3e5     ENGRAM=".venv/bin/engram"  PYTHON=.venv/bin/python
 #   SETS="--set model.n_embd=96 ..."  overrides for every run (default: the reduced study model)
+#   ENGINE=ray         build the tables and run every sweep on a Ray cluster (docs/scale-out.md;
+#                      RAY_ADDRESS=HOST:PORT names it; JOBS is then unused: the cluster's room decides)
 # On a GPU machine: SETS="" STEPS=2000 JOBS=1 and add --device cuda via EXTRA after `--`.
 set -euo pipefail
 
@@ -37,7 +39,10 @@ read -r -a engram <<< "${ENGRAM:-.venv/bin/engram}"
 read -r -a sets <<< "${SETS:---set model.n_embd=96 --set model.moe_expert_hidden=144 --set data.min_count=50}"
 sets+=(--set "train.steps=$STEPS" --set "train.warmup_steps=$((STEPS / 10 > 1 ? STEPS / 10 : 1))"
        --set "train.eval_interval=$STEPS")
-common=(-c "$CONFIG" "${sets[@]}" --seeds "$SEEDS" --jobs "$JOBS" --eval-windows "$EVAL_WINDOWS" "${extra[@]}")
+ENGINE=${ENGINE:-local}
+engine=(--engine "$ENGINE")
+if [[ $ENGINE == ray ]]; then parallel=(); else parallel=(--jobs "$JOBS"); fi
+common=(-c "$CONFIG" "${sets[@]}" --seeds "$SEEDS" "${parallel[@]}" "${engine[@]}" --eval-windows "$EVAL_WINDOWS" "${extra[@]}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 step() { echo "== $(date +%T) $*" >&2; }
@@ -50,7 +55,7 @@ fi
 if ! done_artifact "$OUT/tables"; then
     step build-tables
     "${engram[@]}" build-tables "${corpus[@]}" --vocab "$OUT/vocab" --out "$OUT/tables" --layers 1 \
-        --max-ngram-size 3 --heads-per-ngram 4 --embed-dim-per-head 16 --target-collision-rate 0.25 -q
+        --max-ngram-size 3 --heads-per-ngram 4 --embed-dim-per-head 16 --target-collision-rate 0.25 "${engine[@]}" -q
 fi
 time_it() { local t0=$SECONDS; "$@"; echo "   took $((SECONDS - t0)) s" >&2; }
 

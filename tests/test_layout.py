@@ -15,7 +15,7 @@ ORDER = {"core": 0, "vocab": 1, "corpus": 2, "tables": 3, "model": 4, "train": 5
          "sweep": 7, "commands": 8, "cli": 9, "__main__": 10}
 
 #: third-party packages whose import is slow enough to keep inside the functions that need them
-HEAVY = {"torch", "matplotlib", "pyarrow", "datasets", "huggingface_hub", "tomllib", "tomli"}
+HEAVY = {"torch", "matplotlib", "pyarrow", "datasets", "huggingface_hub", "tomllib", "tomli", "ray"}
 
 
 def module_name(path: Path) -> str:

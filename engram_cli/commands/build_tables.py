@@ -9,7 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from engram_cli.commands.options import DocMode, Force, HfSplit, Json, MaxTokens, Quiet, TextColumn, Tokenizer
+from engram_cli.commands.options import (
+    DocMode,
+    Engine,
+    Force,
+    HfSplit,
+    Json,
+    MaxTokens,
+    Quiet,
+    RayAddress,
+    TextColumn,
+    Tokenizer,
+)
 from engram_cli.core.errors import ConfigError
 
 EXAMPLES = [
@@ -21,6 +32,8 @@ EXAMPLES = [
      "fit all tables in 2 GB of bf16"),
     ("engram build-tables corpus/*.jsonl --vocab out/vocab --out shard_0 --shard 0/4",
      "count one quarter of the documents (run I = 0..3 anywhere)"),
+    ("engram build-tables corpus/ --vocab out/vocab --out out/tables --engine ray --ray-address 10.0.0.1:6379",
+     "count on a Ray cluster: the same tables, one task per group of files (docs/scale-out.md)"),
     ("engram build-tables --from-shards shard_0 shard_1 shard_2 shard_3 --vocab out/vocab --out out/tables",
      "merge shard counts into exactly one run's result"),
 ]
@@ -81,6 +94,9 @@ def build_tables_command(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads for the tokenizer and for measuring collisions (default: all CPUs).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", metavar="DIR", help="Token cache the counting pass fills for `engram train` (default: .engram-cache next to --out, as train's).")] = None,
     cache_tokens: Annotated[bool, typer.Option("--cache-tokens/--no-cache-tokens", help="Write the tokenized corpus (4 bytes a token) to the token cache so `engram train` on it skips the tokenizer; count from it when it is there already. Shards never do.")] = True,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
+    tasks: Annotated[Optional[int], typer.Option("--tasks", min=1, help="--engine ray: map tasks, each a contiguous group of files (default 64; at most one per file).")] = None,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
@@ -116,7 +132,8 @@ def build_tables_command(
         memory_budget=parse_bytes(memory_budget) if memory_budget else None,
         dtype=dtype, boundary=boundary, eos_token=eos_token, top_ngrams=top_ngrams, sweep=sweep, spill_dir=spill_dir,
         memory_limit=parse_bytes(memory_limit, "--memory-limit") if memory_limit else None, threads=threads,
-        cache_dir=cache_dir, cache_tokens=cache_tokens, force=force)
+        cache_dir=cache_dir, cache_tokens=cache_tokens, force=force, engine=engine, ray_address=ray_address,
+        tasks=tasks)
     run_command(build_tables, config, render, json_out=json_out, quiet=quiet, rate_key="tokens")
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Optional, get_type_hints
 
 import typer
 
-from engram_cli.commands.options import Force, Json, Quiet
+from engram_cli.commands.options import Engine, Force, Json, Quiet, RayAddress
 from engram_cli.commands.render import count
 
 EXAMPLES = [
@@ -74,6 +74,8 @@ class SweepOptions:
     force: Force = False
     json_out: Json = False
     quiet: Quiet = False
+    engine: Engine = "local"
+    ray_address: RayAddress = None
 
     def run(self, kind: str, **values) -> None:
         """Build the sweep's config (``values``: the kind's own: ratios, slots or axes), call the
@@ -84,7 +86,8 @@ class SweepOptions:
         cfg = SweepConfig(kind=kind, out=self.out, tables=self.tables, sources=list(self.corpus), config=self.config,
                           overrides=list(self.set_ or []), seeds=parse_seeds(self.seeds), jobs=self.jobs,
                           threads=self.threads, evaluate=self.evaluate, eval_windows=self.eval_windows,
-                          device=self.device, cache_dir=self.cache_dir, log=self.log, force=self.force, **values)
+                          device=self.device, cache_dir=self.cache_dir, log=self.log, force=self.force,
+                          engine=self.engine, ray_address=self.ray_address, **values)
         run_command(sweep, cfg, render, json_out=self.json_out, quiet=self.quiet)
 
 

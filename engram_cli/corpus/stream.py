@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,6 +214,47 @@ def _tokenized(spec, tokenizer, docs, stats, batch_size, batch_bytes, progress) 
     if tokens == 0:
         raise InputError(f"corpus is empty: its {documents} documents hold no tokens",
                          "check the input files and --text-column")
+
+
+def prefetch(iterator, depth: int = 2):
+    """Run ``iterator`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Tokenization (Rust, releases the GIL) then overlaps with counting in the calling thread.
+    An exception in the producer is re-raised in the consumer; closing the consumer early stops
+    the producer at its next item.
+    """
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                q.put((True, item))
+            q.put((True, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((False, e))
+
+    thread = threading.Thread(target=produce, name="engram-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
 
 
 # ---------------------------------------------------------------------------------------------

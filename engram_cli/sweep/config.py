@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engram_cli.core.cluster import check_engine
 from engram_cli.core.errors import ConfigError
 from engram_cli.train.settings import parse_set, resolve_key
 
@@ -59,6 +60,9 @@ class SweepConfig:
     cache_dir: Path | None = None               # token cache (default <out>/runs/.engram-cache)
     log: str | None = None                      # "tensorboard": every run also logs TensorBoard events
     force: bool = False                         # replace an existing sweep (only an engram.sweep)
+    # scale-out (engram_cli.sweep.ray_engine, docs/scale-out.md): each run a task on a Ray cluster
+    engine: str = "local"                       # local: --jobs processes here; ray: Ray tasks
+    ray_address: str | None = None              # the cluster (None: RAY_ADDRESS, one on this machine, or a new one)
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,10 @@ def check_config(config: SweepConfig) -> None:
     if config.kind != "grid" and config.allocation is not None:
         raise ConfigError(f"--allocation is an option of `engram sweep grid`, not of `engram sweep {config.kind}`",
                           "the allocation sweep sets it per point (--ratios); the memory sweep keeps the backbone")
+    check_engine(config.engine, config.ray_address)  # scale-out
+    if config.engine == "ray" and config.jobs != 1:
+        raise ConfigError("--jobs is for --engine local; Ray runs as many runs at once as the cluster has room for",
+                          "drop --jobs (each run takes --threads CPUs of a node)")
     cores = available_cores()
     if not 1 <= config.jobs <= cores:
         raise ConfigError(f"--jobs must be between 1 and the {cores} cores this process may use, got {config.jobs}",

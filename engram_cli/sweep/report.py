@@ -48,6 +48,7 @@ from engram_cli.sweep.config import (
     threads_per_run,
 )
 from engram_cli.sweep.plots import plot_curves, plot_sweep
+from engram_cli.sweep.ray_engine import run_on_ray
 from engram_cli.sweep.summary import point_rows, power_law_fit, run_rows, write_tables
 from engram_cli.tables.build import load_tables
 from engram_cli.train import TrainConfig, load_settings, template_plan
@@ -153,7 +154,9 @@ def _run(config: SweepConfig, work: list[R.Job], threads: int, progress: Progres
             progress(name if task == "train" else f"{name} {task}", completed, total, **info)
         return forward
 
-    if config.jobs == 1 or len(work) <= 1:
+    if config.engine == "ray":  # scale-out: engram_cli.sweep.ray_engine
+        run_on_ray(work, threads, config.device, config.ray_address, run_progress, on_record)
+    elif config.jobs == 1 or len(work) <= 1:
         R.run_inline(work, threads, run_progress, on_record)
     else:
         R.ParallelRuns(config.jobs, threads, run_progress, on_record).run(work)

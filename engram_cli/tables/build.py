@@ -33,8 +33,6 @@ Artifact (``engram.tables``)::
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -53,6 +51,7 @@ from engram_cli.core.artifacts import (
     read_manifest,
     sha256_file,
 )
+from engram_cli.core.cluster import check_engine
 from engram_cli.core.errors import ArtifactError, ConfigError, InputError
 from engram_cli.core.progress import ProgressFn, report
 from engram_cli.corpus.cache import (
@@ -65,7 +64,7 @@ from engram_cli.corpus.cache import (
     splits_into_documents,
 )
 from engram_cli.corpus.spec import CorpusSpec, CorpusStats
-from engram_cli.corpus.stream import corpus_fingerprint, empty_corpus_error, iter_tokenized
+from engram_cli.corpus.stream import corpus_fingerprint, empty_corpus_error, iter_tokenized, prefetch
 from engram_cli.tables.boundary import Boundary, check_rule
 from engram_cli.tables.collision_plots import plot_slot_load_histogram, plot_sweep
 from engram_cli.tables.collisions import CollisionReport, measure_tables, sweep_collisions
@@ -73,6 +72,7 @@ from engram_cli.tables.counting import NgramCounter, counter_sizes, merge_stats
 from engram_cli.tables.hotrows import HotRowCurve, cache_lines, hot_row_curves, plot_hot_rows
 from engram_cli.tables.plan import MAX_EMBED_DIM_PER_HEAD, PLAN_FILE, TABLE_DTYPES, TablePlan, make_plan, row_bytes
 from engram_cli.tables.presets import PLAN_OPTIONS, check_published_rows, resolve_plan_options
+from engram_cli.tables.ray_count import DEFAULT_TASKS, CountJob, count_on_ray, default_partitions
 from engram_cli.tables.shards import check_shards, read_shard
 from engram_cli.tables.sizing import target_size_for_collision_rate, target_size_for_memory_budget
 from engram_cli.tables.stats import NgramStats
@@ -124,6 +124,10 @@ class BuildTablesConfig:
     cache_dir: Path | None = None                # token cache (default <out>/../.engram-cache, as train's)
     cache_tokens: bool = True                    # write the token stream there for train (4 bytes a token)
     force: bool = False
+    # scale-out (engram_cli.tables.ray_count, docs/scale-out.md): where the counting runs
+    engine: str = "local"                        # local: this process; ray: tasks on a Ray cluster
+    ray_address: str | None = None               # the cluster (None: RAY_ADDRESS, one on this machine, or a new one)
+    tasks: int | None = None                     # ray: map tasks (None: ray_count.DEFAULT_TASKS; at most one per file)
 
     def __post_init__(self) -> None:
 
@@ -279,6 +283,12 @@ def _check_config(c: BuildTablesConfig) -> None:
          f"--embed-dim-per-head must be in [1, {MAX_EMBED_DIM_PER_HEAD:,}], got {c.embed_dim_per_head}",
          "e.g. --embed-dim-per-head 64 (the reference's 512 / 8 heads)")
     row_bytes(c.dtype, c.embed_dim_per_head)
+    # scale-out: --engine ray counts a corpus (the spec-level refusals are in ray_count.count_on_ray)
+    check_engine(c.engine, c.ray_address)
+    need(c.engine == "ray" or c.tasks is None, "--tasks is for --engine ray", "add --engine ray, or drop --tasks")
+    need(c.tasks is None or c.tasks >= 1, f"--tasks must be at least 1, got {c.tasks}", "e.g. --tasks 64")
+    need(c.engine == "local" or (c.corpus is not None and not c.plan_only),
+         "--engine ray counts a corpus; there is none to count here", "drop --engine ray")
     if c.plan_only:
         need(c.corpus is None and not c.from_shards, "--plan-only reads no corpus, but one was given",
              "drop the corpus (or --from-shards), or drop --plan-only to count it")
@@ -290,47 +300,6 @@ def _check_config(c: BuildTablesConfig) -> None:
     need((c.corpus is not None) != bool(c.from_shards),
          "give a corpus or --from-shards" if c.corpus is None else "give either a corpus or --from-shards, not both",
          "e.g. `engram build-tables corpus/*.txt --vocab out/vocab --out out/tables`")
-
-
-def prefetch(iterator, depth: int = 2):
-    """Run ``iterator`` in a background thread, ``depth`` items ahead of the consumer.
-
-    Tokenization (Rust, releases the GIL) then overlaps with counting in the calling thread.
-    An exception in the producer is re-raised in the consumer; closing the consumer early stops
-    the producer at its next item.
-    """
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in iterator:
-                if stop.is_set():
-                    return
-                q.put((True, item))
-            q.put((True, done))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put((False, e))
-
-    thread = threading.Thread(target=produce, name="engram-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = q.get()
-            if not ok:
-                raise item
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(0.05)
 
 
 @dataclass
@@ -393,6 +362,26 @@ def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, sep: tuple[in
     record = None if key is None else {"key": key, "dir": str(cache_dir.resolve()), "entry": cached.path.name,
                                        "hit": read_cache}
     return CorpusCount(ngrams=ngrams, stats=stats, fingerprint=fingerprint, token_cache=record)
+
+
+def _count_on_ray(config: BuildTablesConfig, tok, vocab: VocabMap, sep: tuple[int, int],
+                  progress: ProgressFn) -> CorpusCount:
+    """``--engine ray``: the same counts from map and reduce tasks on a Ray cluster
+    (``engram_cli.tables.ray_count``); their outputs go under the token cache directory, which every
+    node must see. No token cache entry is written (the tasks tokenize apart)."""
+    spec, tasks = config.corpus, config.tasks or DEFAULT_TASKS
+    spill = str(Path(config.spill_dir).resolve()) if config.spill_dir is not None else None
+    job = CountJob(tokenizer=str(Path(config.tokenizer).resolve()) if Path(config.tokenizer).exists() else config.tokenizer,
+                   tokenizer_sha256=tok.fingerprint, vocab=str(Path(config.vocab).resolve()),
+                   vocab_sha256=vocab.fingerprint, max_n=config.max_ngram_size,
+                   boundary=Boundary(config.boundary, sep[1], int(vocab.table[config.pad_id])).to_dict(),
+                   text_column=spec.text_column, doc_mode=spec.doc_mode, hf_split=spec.hf_split,
+                   skip_bad_files=spec.skip_bad_files, batch_size=config.batch_size, memory_limit=config.memory_limit,
+                   spill_dir=spill, partitions=default_partitions(tasks),
+                   work_dir=str((token_cache_dir(config) / "counts").resolve()), cpus=config.threads or 1)
+    counted = count_on_ray(spec, job, vocab_size=vocab.canonical_vocab_size, tasks=tasks,
+                           address=config.ray_address, progress=progress)
+    return CorpusCount(ngrams=counted.ngrams, stats=counted.stats, fingerprint=counted.fingerprint, token_cache=None)
 
 
 def _count_cached(cache: TokenCache, counter: NgramCounter, vocab: VocabMap, progress: ProgressFn) -> CorpusStats:
@@ -531,7 +520,7 @@ def build_tables(config: BuildTablesConfig, progress: ProgressFn | None = None) 
         skipped: list = []
         bad_records = 0
     else:
-        counted = _count_corpus(config, tok, vocab, sep, progress)
+        counted = (_count_corpus if config.engine == "local" else _count_on_ray)(config, tok, vocab, sep, progress)
         ngrams, corpus_input, token_cache = counted.ngrams, counted.fingerprint, counted.token_cache
         skipped = [tuple(x) for x in counted.stats.skipped_files]
         bad_records = counted.stats.bad_records
