@@ -20,7 +20,7 @@ sits in the third 64-bit word, so a block's 2**128 draws never reach the next bl
 is row ``r mod block_rows`` of its block. A row's initial value is thus a function of
 (seed, layer, row) alone: it never depends on the table's size, on when the row is first read, or
 on which rows were read before. Both backends materialize a block on its first touch (a gather or
-scatter of any of its rows) and record it in the block map; a read-only store computes untouched
+scatter of any of its rows or of their state) and record it in the block map; a read-only store computes untouched
 blocks without writing them. (This replaces torch's ``normal_(0, init_std)`` from the run's seed.)
 
 **Optimizer state**: named float32 arrays of ``(rows, width)`` beside the rows (e.g. Adam's ``m``
