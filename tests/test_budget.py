@@ -122,3 +122,115 @@ def test_memory_estimate_refuses_what_cannot_fit(monkeypatch):
     budget.check_train_memory(cfg, None, batch_size=16)
     with pytest.raises(ConfigError, match=r"needs about .* GiB of memory .* activations of 1000000000 sequences"):
         budget.check_train_memory(cfg, None, batch_size=1_000_000_000)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tables' memory by where they live (train.table_store) and the advice to keep them on disk
+
+GiB = 2**30
+
+
+def big_template(target: int = 100_000_000):
+    """2 layers x 2 orders x 2 heads x 8 dims of ~`target` slots: 8 x target rows (made without O(rows) work)."""
+    return tiny_template(target_sizes=(target, target))
+
+
+def test_table_bytes_by_optimizer_are_the_row_optimizers_state():
+    from engram_cli.tables.sizing import TABLE_OPTIMIZER_STATE_FLOATS, table_train_bytes
+    from engram_cli.train.rowopt import ROW_OPTIMIZERS, make_row_optimizer
+
+    plan = tiny_template(target_sizes=(1000, 1000))
+    rows, D = plan.total_slots_all, plan.embed_dim_per_head
+    assert set(TABLE_OPTIMIZER_STATE_FLOATS) == set(ROW_OPTIMIZERS)
+    for name in ROW_OPTIMIZERS:  # the one figure per row the store keeps, whatever the backend
+        got = table_train_bytes(plan, name)
+        assert got["rows"] == rows * D * 4
+        assert got["state"] == rows * make_row_optimizer(name).state_bytes_per_row(D)
+    assert table_train_bytes(plan, "adam")["total"] == rows * 3 * D * 4
+    assert table_train_bytes(plan, "rowwise-adagrad")["total"] == rows * (D * 4 + 4)
+    with pytest.raises(ConfigError, match="unknown table optimizer 'sgd'"):
+        table_train_bytes(plan, "sgd")
+
+
+def test_the_default_is_todays_estimate_and_the_memory_store_is_the_same():
+    from engram_cli.model import budget
+
+    cfg, plan = tiny_base(), big_template(1000)
+    counts = predict_param_counts(cfg, plan)
+    today = budget.estimate_train_memory(cfg, plan, 16)
+    assert today["tables"] == counts["engram_tables"] * budget.BYTES_PER_TABLE_VALUE
+    assert budget.estimate_train_memory(cfg, plan, 16, table_store="memory") == today
+    ada = budget.estimate_train_memory(cfg, plan, 16, table_store="memory", table_optimizer="rowwise-adagrad")
+    assert ada["tables"] == plan.total_slots_all * (plan.embed_dim_per_head * 4 + 4)
+    with pytest.raises(ConfigError, match="unknown table store 'disk'"):
+        budget.estimate_train_memory(cfg, plan, 16, table_store="disk")
+
+
+def test_tables_that_do_not_fit_in_ram_are_refused_with_the_mmap_hint(monkeypatch, tmp_path):
+    from engram_cli.model import budget
+
+    cfg, plan = tiny_base(), big_template()  # 800M rows x 8 dims: ~24 GiB with Adam in RAM
+    monkeypatch.setattr(budget, "available_memory", lambda device="cpu": 8 * GiB)
+    monkeypatch.setattr(budget, "free_disk", lambda path: 10_000 * GiB)
+    for store in ("module", "memory"):
+        with pytest.raises(ConfigError, match=rf"Engram tables .* \({store} store, adam\)") as e:
+            budget.check_train_memory(cfg, plan, 16, table_store=store)
+        assert "--table-store mmap" in str(e.value)
+    warnings: list[str] = []
+    need = budget.check_train_memory(cfg, plan, 16, table_store="mmap", store_dir=tmp_path, steps=50,
+                                     warnings=warnings)
+    tokens = 16 * cfg.block_size
+    assert need["tables"] == 2 * tokens * plan.total_heads * (2 * 3 * 8 * 4 + 8 * 4)  # 2 layers' working sets
+    assert need["table_disk"] == plan.total_slots_all * 3 * 8 * 4 and not warnings
+    assert 0 < need["table_disk_expected"] < need["table_disk"]
+
+
+def test_mmap_warns_when_the_full_store_exceeds_the_free_disk_and_refuses_what_the_run_cannot_fit(
+        monkeypatch, tmp_path):
+    from engram_cli.model import budget
+
+    cfg, plan = tiny_base(), big_template()
+    monkeypatch.setattr(budget, "available_memory", lambda device="cpu": 8 * GiB)
+    full = budget.table_store_bytes(plan, "mmap")["disk"]
+    expected = budget.table_store_bytes(plan, "mmap", tokens=16 * cfg.block_size, steps=50)["disk_expected"]
+    assert expected < full
+    monkeypatch.setattr(budget, "free_disk", lambda path: (expected + full) // 2)
+    warnings: list[str] = []
+    budget.check_train_memory(cfg, plan, 16, table_store="mmap", store_dir=tmp_path, steps=50, warnings=warnings)
+    assert len(warnings) == 1 and "on disk" in warnings[0] and "first 50 steps are expected" in warnings[0]
+    monkeypatch.setattr(budget, "free_disk", lambda path: expected // 2)
+    with pytest.raises(ConfigError, match=r"expected to take about .* in 50 steps .* free") as e:
+        budget.check_train_memory(cfg, plan, 16, table_store="mmap", store_dir=tmp_path, steps=50)
+    assert "rowwise-adagrad" in str(e.value)
+    budget.check_train_memory(cfg, plan, 16, table_store="mmap", store_dir=tmp_path)  # no steps: nothing refused
+
+
+def test_expected_disk_follows_uniform_hashing_of_blocks():
+    from engram_cli.model import budget
+
+    plan = tiny_template(target_sizes=(5000, 5000), layer_ids=(1,))  # one layer, ~20k rows: ~20 blocks
+    per_row = 3 * plan.embed_dim_per_head * 4
+    blocks = -(-plan.total_slots_all // 1024)
+    few = budget.table_store_bytes(plan, "mmap", tokens=1, steps=1)["disk_expected"]
+    assert few == math.ceil(-math.expm1(-plan.total_heads / blocks) * blocks) * 1024 * per_row  # 4 lookups
+    many = budget.table_store_bytes(plan, "mmap", tokens=10_000, steps=100)["disk_expected"]
+    assert many == plan.total_slots_all * per_row  # every block touched: the full size, never more
+
+
+def test_the_memory_store_is_advised_to_move_to_disk_past_half_the_ram(monkeypatch):
+    from engram_cli.model import budget
+    from engram_cli.tables.sizing import table_store_advice
+
+    cfg, plan = tiny_base(), big_template(1_000_000)  # 8M rows: ~245 MiB with Adam
+    need_tables = budget.table_store_bytes(plan, "memory")["ram"]
+    monkeypatch.setattr(budget, "available_memory", lambda device="cpu": int(need_tables * 1.5) + 4 * GiB)
+    warnings: list[str] = []
+    budget.check_train_memory(cfg, plan, 16, table_store="memory", warnings=warnings)
+    assert not warnings
+    monkeypatch.setattr(budget, "available_memory", lambda device="cpu": int(need_tables * 1.9))
+    budget.check_train_memory(cfg, plan, 1, table_store="memory", warnings=warnings)
+    assert len(warnings) == 1 and "more than half" in warnings[0] and "--table-store mmap" in warnings[0]
+    advice = table_store_advice(plan, available=int(need_tables * 1.9))
+    assert advice["mmap_advised"] and advice["train_bytes"]["adam"] == need_tables
+    assert not table_store_advice(plan, available=need_tables * 3)["mmap_advised"]
+    assert not table_store_advice(plan, available=None)["mmap_advised"]

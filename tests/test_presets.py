@@ -75,6 +75,24 @@ def test_plan_only_cli_writes_the_plan_and_memory(tmp_path, vocab_dir):
     assert TablePlan.load(out / "table_plan.json").preset == "deepseek-v4.1-flash"
 
 
+def test_plan_only_says_what_training_takes_and_when_mmap_is_advised(tmp_path, vocab_dir, monkeypatch):
+    from engram_cli.tables import build
+
+    args = ["build-tables", "--preset", "deepseek-v4.1-flash", "--plan-only", "--vocab", str(vocab_dir)]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "a"), "--json"])
+    tm = json.loads(r.stdout)["train_memory"]
+    rows, D = 768_022_850, 256
+    assert tm["train_bytes"] == {"adam": rows * 3 * D * 4, "rowwise-adagrad": rows * (D * 4 + 4)}
+    monkeypatch.setattr(build, "ram_available", lambda: 2**40)  # 1 TiB free: 2.1 TiB with Adam is more than half
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert "training (float32 + optimizer state): adam 2.1 TiB" in r.stdout and "(1.0 TiB RAM available)" in r.stdout
+    assert "train with --table-store mmap" in r.stdout
+    monkeypatch.setattr(build, "ram_available", lambda: 2**43)  # 8 TiB: fits
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0 and "training (float32" in r.stdout and "--table-store mmap" not in r.stdout
+
+
 @pytest.mark.parametrize("args,needles", [
     (["--preset", "v9"], ["unknown preset 'v9'"]),
     (["--preset", "deepseek-v4.1-flash", "--max-ngram-size", "3"], ["sets --max-ngram-size 4", "drop --preset"]),

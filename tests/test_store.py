@@ -3,6 +3,8 @@ prefetch (train.prefetch) and delta checkpoints (train.deltas): exact, order-ind
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import subprocess
 import sys
@@ -11,12 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import typer
+from typer.testing import CliRunner
 
+from engram_cli.cli import EngramGroup
 from engram_cli.core.errors import ArtifactError, ConfigError
+from engram_cli.model import store as store_module
 from engram_cli.model.store import (
     BLOCK_ROWS,
     DIRTY,
     INIT,
+    SPARSE_PROBE_BYTES,
+    StoreFullError,
     StoreSpec,
     initial_block,
     initial_rows,
@@ -28,6 +36,8 @@ from engram_cli.tables.plan import make_plan
 from engram_cli.train.deltas import delta_paths, read_delta, replay, rollback, write_delta
 from engram_cli.train.prefetch import Prefetcher, gather_working_set, working_rows
 from engram_cli.train.rowopt import RowAdam, RowwiseAdagrad, make_row_optimizer
+
+from cli_asserts import one_red_line
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 8
@@ -169,6 +179,39 @@ def test_another_layout_version_and_a_truncated_file_are_refused(tmp_path):
         open_store(tmp_path / "store", spec(layer_id=2), writable=False)
 
 
+@pytest.mark.parametrize("key", ["rows", "blocks", "state.m", "state.v"])
+@pytest.mark.parametrize("change", ["truncated", "grown", "missing"])
+def test_every_store_file_of_another_size_is_refused(tmp_path, key, change):
+    store("mmap", tmp_path).close()
+    path, size = store_files(tmp_path / "store", spec())[key]
+    if change == "missing":
+        path.unlink()
+    else:
+        os.truncate(path, size - 1 if change == "truncated" else size + 4096)
+    want = "is missing" if change == "missing" else f"is {size - 1 if change == 'truncated' else size + 4096:,} bytes"
+    for writable in (True, False):
+        with pytest.raises(ArtifactError, match=f"row store file .*{path.name} {want}"):
+            store("mmap", tmp_path, writable=writable)
+
+
+@pytest.mark.parametrize("header, match", [
+    ("{not json", "is not valid JSON"),
+    ("[]", "is not an engram row store header"),
+    (json.dumps({"format": "engram.tables"}), "is not an engram row store header"),
+    (None, "made for another table: its block_rows is 1024, this run's is 512"),
+])
+def test_a_header_that_is_not_this_stores_is_refused(tmp_path, header, match):
+    store("mmap", tmp_path).close()
+    path = tmp_path / "store" / "layer_1.json"
+    if header is None:  # a store of another block size: the same files' sizes, another layout
+        with pytest.raises(ArtifactError, match=match):
+            store("mmap", tmp_path, spec(block_rows=512))
+        return
+    path.write_text(header)
+    with pytest.raises(ArtifactError, match=match):
+        store("mmap", tmp_path)
+
+
 def test_two_writers_are_refused_readers_are_not(tmp_path):
     st = store("mmap", tmp_path)
     with pytest.raises(ArtifactError, match=rf"being written by another process \(pid {os.getpid()}\)"):
@@ -186,6 +229,121 @@ def test_two_writers_are_refused_readers_are_not(tmp_path):
         assert ro.gather(np.array([1])).shape == (1, D)
     st.close()
     store("mmap", tmp_path).close()  # released on close
+
+
+# ---------------------------------------------------------------------------------------------
+# faults: a full disk, a filesystem without sparse files
+
+
+def file_bytes(directory: Path, sp: StoreSpec) -> dict[str, bytes]:
+    return {key: path.read_bytes() for key, (path, _) in store_files(directory, sp).items()}
+
+
+def test_materializing_reserves_the_blocks_disk_in_every_file(tmp_path):
+    """A gather materializes a block: its range is allocated in the rows file and in every state
+    file (fallocate), though no state was written, so a later write-back cannot hit a hole."""
+    sp = spec(50 * BLOCK_ROWS)
+    with store("mmap", tmp_path, sp) as st:
+        files = store_files(tmp_path / "store", sp)
+        before = {key: os.stat(path).st_blocks * 512 for key, (path, _) in files.items()}
+        st.gather(np.array([7 * BLOCK_ROWS + 3]))
+        for key, (path, _) in files.items():
+            if key != "blocks":
+                grew = os.stat(path).st_blocks * 512 - before[key]
+                assert grew >= BLOCK_ROWS * D * 4, (key, grew)  # one block of D floats (m, v, rows)
+
+
+def fail_fallocate(monkeypatch, code: int = errno.ENOSPC) -> list:
+    calls = []
+
+    def fallocate(fd, offset, length):
+        calls.append((offset, length))
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    return calls
+
+
+@pytest.mark.parametrize("op", ["gather", "scatter", "scatter_state", "adam"])
+def test_a_full_disk_raises_one_line_before_anything_is_written(tmp_path, monkeypatch, op):
+    sp = spec(8 * BLOCK_ROWS)
+    st = store("mmap", tmp_path, sp)
+    touched = np.array([1, 2, 3])
+    st.scatter(touched, np.ones((3, D), np.float32))
+    st.flush()
+    before, blockmap, dirty = file_bytes(tmp_path / "store", sp), st._blockmap.copy(), st.dirty_rows()
+    calls = fail_fallocate(monkeypatch)
+    rows = np.array([5, 4 * BLOCK_ROWS + 1, 6 * BLOCK_ROWS])  # one materialized block, two fresh ones
+    vals = np.full((3, D), 9, np.float32)
+    run = {"gather": lambda: st.gather(rows), "scatter": lambda: st.scatter(rows, vals),
+           "scatter_state": lambda: st.scatter_state("m", rows, vals),
+           "adam": lambda: ADAM.apply(st, rows, vals, lr=0.1, step=1)}[op]
+    with pytest.raises(StoreFullError) as e:
+        run()
+    assert calls and e.value.errno == errno.ENOSPC
+    line = str(e.value)
+    assert "\n" not in line and "is full (ENOSPC)" in line and "nothing of the new rows was written" in line
+    assert "--resume" in line
+    st.flush()
+    assert file_bytes(tmp_path / "store", sp) == before  # not a byte changed, not even in the materialized block
+    assert np.array_equal(st._blockmap, blockmap) and np.array_equal(st.dirty_rows(), dirty)
+    st.scatter(touched, np.zeros((3, D), np.float32))  # materialized blocks need no new disk: still writable
+    monkeypatch.undo()
+    run()  # with disk space again, the same operation goes through, as on a fresh store
+    mem = make_store("memory", sp)
+    mem.scatter(touched, np.ones((3, D), np.float32))
+    mem.scatter(touched, np.zeros((3, D), np.float32))
+    {"gather": lambda: mem.gather(rows), "scatter": lambda: mem.scatter(rows, vals),
+     "scatter_state": lambda: mem.scatter_state("m", rows, vals),
+     "adam": lambda: ADAM.apply(mem, rows, vals, lr=0.1, step=1)}[op]()
+    every = np.arange(sp.rows)
+    assert np.array_equal(st.gather(every), mem.gather(every))
+    assert np.array_equal(st.gather_state("m", every), mem.gather_state("m", every))
+    st.close()
+
+
+def test_a_quota_is_a_full_disk_other_errors_pass_through(tmp_path, monkeypatch):
+    st = store("mmap", tmp_path)
+    fail_fallocate(monkeypatch, errno.EDQUOT)
+    with pytest.raises(StoreFullError, match=r"over its quota \(EDQUOT\)"):
+        st.gather(np.array([0]))
+    fail_fallocate(monkeypatch, errno.EIO)
+    with pytest.raises(OSError) as e:
+        st.gather(np.array([0]))
+    assert e.value.errno == errno.EIO and not isinstance(e.value, StoreFullError)
+    monkeypatch.undo()
+    st.close()
+
+
+def test_a_full_disk_is_one_red_line_on_the_command_line(tmp_path, monkeypatch):
+    app = typer.Typer(cls=EngramGroup)
+
+    @app.command()
+    def grow(directory: str) -> None:
+        with open_store(directory, spec()) as st:
+            fail_fallocate(monkeypatch)  # the disk fills once the store is open: the first new block fails
+            st.gather(np.array([0]))
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    r = CliRunner().invoke(app, ["grow", str(tmp_path / "store")])
+    one_red_line(r, "is full (ENOSPC)", "free disk space", "--resume")
+
+
+def test_a_filesystem_without_sparse_files_is_refused(tmp_path, monkeypatch):
+    assert store_module.probe_sparse_bytes(tmp_path) < SPARSE_PROBE_BYTES // 4  # tmp has sparse files
+    assert not list(tmp_path.iterdir())  # the probe is gone
+    monkeypatch.setattr(store_module, "probe_sparse_bytes", lambda directory: SPARSE_PROBE_BYTES)
+    with pytest.raises(ConfigError, match="has no sparse files .* 64 MiB empty file took 64 MiB") as e:
+        store("mmap", tmp_path)
+    assert "--table-store memory" in str(e.value)
+    assert not (tmp_path / "store" / "layer_1.json").exists()
+    assert not (tmp_path / "store" / "layer_1.rows.f32").exists()
+    monkeypatch.undo()
+    store("mmap", tmp_path).close()  # created once the filesystem has sparse files
+    monkeypatch.setattr(store_module, "probe_sparse_bytes", lambda directory: SPARSE_PROBE_BYTES)
+    store("mmap", tmp_path).close()  # an existing store is reopened without a probe
 
 
 def test_unknown_backend_and_optimizer_are_config_errors(tmp_path):

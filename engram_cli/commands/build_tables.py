@@ -230,6 +230,15 @@ def render_plan(result) -> None:
                   + ("[green]✓ exact[/]" if same else "[red]✗ differs[/]"))
     out.print("memory: " + "   ".join(f"{d} [bold]{_bytes(b)}[/]" for d, b in result.memory.items())
               + f"   [dim]({plan.total_slots_all:,} rows of {plan.embed_dim_per_head} dims)[/]")
+    tm = result.train_memory
+    if tm is not None:
+        ram = "RAM available unknown" if tm["ram_available"] is None else f"{_bytes(tm['ram_available'])} RAM available"
+        out.print("training (float32 + optimizer state): " + "   ".join(f"{o} [bold]{_bytes(b)}[/]"
+                                                                      for o, b in tm["train_bytes"].items())
+                  + f"   [dim]({ram})[/]")
+        if tm["mmap_advised"]:
+            out.print("[yellow]more than half the RAM available:[/] train with [bold]--table-store mmap[/] "
+                      "(the tables in sparse files on disk, only each step's rows in memory)")
     if plan.separator_id is not None:
         out.print(f"boundary: [bold]{plan.boundary}[/] [dim](separator id {plan.separator_id}, canonical "
                   f"{plan.canonical_separator_id}; "

@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from engram_cli.core.errors import ConfigError
 from engram_cli.model.config import ModelConfig
+from engram_cli.model.store import BLOCK_ROWS
 from engram_cli.tables.plan import TablePlan, make_plan, vocab_fields
+from engram_cli.tables.sizing import mmap_advised, ram_available, table_train_bytes
 
 #: below this many slots per head a table is too small to mean anything (and primes get sparse)
 MIN_SLOTS_PER_HEAD = 16
@@ -173,15 +177,63 @@ def activation_bytes_per_token(config: ModelConfig, plan: TablePlan | None) -> i
     return 4 * (config.n_layer * per_layer + engram + logits)
 
 
+#: where the Engram tables live in training (``train.table_store``): ``module`` an ``nn.Embedding``
+#: with SparseAdam (the runs before the row store), ``memory`` a row store in RAM, ``mmap`` a row
+#: store in memory-mapped sparse files (engram_cli.model.store)
+TABLE_STORES = ("module", "memory", "mmap")
+
+
+def table_store_bytes(plan: TablePlan | None, table_store: str = "module", table_optimizer: str = "adam",
+                      tokens: int = 0, steps: int | None = None, block_rows: int = BLOCK_ROWS) -> dict[str, int]:
+    """What the Engram tables take in training, by where they live: ``ram`` (bytes this process
+    holds), ``disk`` (the full size of the store's sparse files; 0 in RAM) and ``disk_expected``
+    (``mmap``: the disk the first ``steps`` steps are expected to materialize under uniform
+    hashing; the full size when ``steps`` is None).
+
+    ``module`` / ``memory``: every row and its optimizer state in RAM (Adam 3 x D x 4 bytes a row,
+    row-wise Adagrad D x 4 + 4). ``mmap``: only a step's working set — at most ``tokens`` x heads
+    rows per layer, their values and state twice (the step's and the prefetched next step's) and
+    their gradient; the rest is page cache, which the kernel reclaims. A block of ``block_rows``
+    rows is materialized (initialized and given disk) on its first touch: a run of ``steps``
+    steps of ``tokens`` x heads lookups per layer touches ``1 - exp(-lookups / blocks)`` of a
+    layer's blocks.
+    """
+    if table_store not in TABLE_STORES:
+        raise ConfigError(f"unknown table store {table_store!r}", f"use one of: {', '.join(TABLE_STORES)}")
+    if plan is None:
+        return {"ram": 0, "disk": 0, "disk_expected": 0}
+    full = table_train_bytes(plan, table_optimizer)
+    if table_store != "mmap":
+        return {"ram": full["total"], "disk": 0, "disk_expected": 0}
+    per_row = full["total"] // plan.total_slots_all               # values + state, bytes
+    dim_bytes = 4 * plan.embed_dim_per_head
+    ram = disk_expected = 0
+    for layer in plan.layer_ids:
+        rows = plan.total_slots(layer)
+        lookups = tokens * plan.total_heads
+        k = min(rows, lookups)                                       # the working set's rows
+        ram += k * (2 * per_row + dim_bytes)
+        if steps is None:
+            disk_expected += rows * per_row
+        else:
+            blocks = -(-rows // block_rows)
+            touched = -math.expm1(-steps * lookups / blocks) if blocks else 0.0
+            disk_expected += min(rows, math.ceil(touched * blocks) * block_rows) * per_row
+    return {"ram": ram, "disk": full["total"], "disk_expected": disk_expected}
+
+
 def estimate_train_memory(config: ModelConfig, plan: TablePlan | None, batch_size: int,
-                          world_size: int = 1) -> dict[str, int]:
+                          world_size: int = 1, *, table_store: str = "module",
+                          table_optimizer: str = "adam") -> dict[str, int]:
     """Bytes one training process needs, by part: ``weights_and_optimizer`` (dense and expert
-    parameters with their gradients and Adam moments), ``tables`` (Engram tables with SparseAdam's
-    moments) and ``activations`` (this process's share of the batch); ``total`` adds them up."""
+    parameters with their gradients and Adam moments), ``tables`` (the Engram tables' share of
+    RAM in ``table_store`` with ``table_optimizer``'s row state: :func:`table_store_bytes`) and
+    ``activations`` (this process's share of the batch); ``total`` adds them up."""
     counts = predict_param_counts(config, plan)
     tokens = -(-batch_size // world_size) * config.block_size
+    tables = table_store_bytes(plan, table_store, table_optimizer, tokens)["ram"]
     parts = {"weights_and_optimizer": (counts["total"] - counts["engram_tables"]) * BYTES_PER_DENSE_PARAM,
-             "tables": counts["engram_tables"] * BYTES_PER_TABLE_VALUE,
+             "tables": tables,
              "activations": tokens * activation_bytes_per_token(config, plan)}
     return {**parts, "total": sum(parts.values())}
 
@@ -192,29 +244,71 @@ def available_memory(device: str = "cpu") -> int | None:
     if device.startswith("cuda"):
 
         return int(torch.cuda.mem_get_info()[0])
+    return ram_available()
+
+
+def free_disk(path: str | os.PathLike) -> int | None:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        return shutil.disk_usage(p).free
     except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
         return None
 
 
 def check_train_memory(config: ModelConfig, plan: TablePlan | None, batch_size: int, world_size: int = 1,
-                       device: str = "cpu") -> dict[str, int]:
-    """Refuse (ConfigError, with the estimate) a run that cannot fit in the memory available."""
-    need = estimate_train_memory(config, plan, batch_size, world_size)
+                       device: str = "cpu", *, table_store: str = "module", table_optimizer: str = "adam",
+                       store_dir: str | os.PathLike | None = None, steps: int | None = None,
+                       warnings: list[str] | None = None) -> dict[str, int]:
+    """Refuse (ConfigError, with the estimate) a run that cannot fit in the memory available.
+
+    ``table_store`` / ``table_optimizer`` (``train.table_store`` / ``train.table_optimizer``; the
+    defaults are the ``nn.Embedding`` + SparseAdam path) say what the tables hold in RAM
+    (:func:`table_store_bytes`). With the tables in RAM (``module``, ``memory``) a run whose tables
+    do not fit is refused with the hint that ``--table-store mmap`` keeps them on disk. With
+    ``mmap`` only the working set counts against RAM, and the disk under ``store_dir`` is checked:
+    what the run's ``steps`` steps are expected to materialize (uniform hashing) above the free
+    space is refused; the store's full size (rows + state) above it is only a warning appended
+    to ``warnings`` (sparse files grow with the rows touched) — should the disk fill anyway, the
+    run stops with one line, its last checkpoint intact. Returns the estimate (:func:`estimate_train_memory`, plus ``table_disk``
+    and ``table_disk_expected``).
+    """
+    need = estimate_train_memory(config, plan, batch_size, world_size, table_store=table_store,
+                                 table_optimizer=table_optimizer)
+    tokens = -(-batch_size // world_size) * config.block_size
+    store = table_store_bytes(plan, table_store, table_optimizer, tokens, steps)
     have = available_memory(device)
+    gib = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
     if have is not None and need["total"] > have:
-        gib = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
+        hint = "lower train.batch_size, the model sizes or the table sizes"
+        if plan is not None and table_store != "mmap" and device == "cpu":
+            hint += "; or keep the tables on disk: --table-store mmap"
         raise ConfigError(
             f"this run needs about {gib(need['total'])} of memory (weights and optimizer "
-            f"{gib(need['weights_and_optimizer'])}, Engram tables {gib(need['tables'])}, activations of "
-            f"{batch_size} sequences {gib(need['activations'])}) but {device} has {gib(have)} available",
-            "lower train.batch_size, the model sizes or the table sizes")
-    return need
+            f"{gib(need['weights_and_optimizer'])}, Engram tables {gib(need['tables'])} "
+            f"({table_store} store, {table_optimizer}), activations of "
+            f"{batch_size} sequences {gib(need['activations'])}) but {device} has {gib(have)} available", hint)
+    if table_store == "mmap" and store_dir is not None:
+        free = free_disk(store_dir)
+        if free is not None and steps is not None and store["disk_expected"] > free:
+            raise ConfigError(
+                f"the Engram tables' row store is expected to take about {gib(store['disk_expected'])} on disk "
+                f"in {steps:,} steps (of {gib(store['disk'])} in full: rows and {table_optimizer} state, "
+                f"materialized by blocks of {BLOCK_ROWS} rows as they are touched) but {store_dir} has "
+                f"{gib(free)} free", "free disk space, put the run on a larger disk, train fewer steps, "
+                "or use smaller tables (or --set train.table_optimizer=rowwise-adagrad: 4 bytes of state a row)")
+        if free is not None and store["disk"] > free and warnings is not None:
+            expect = (f"; the first {steps:,} steps are expected to use about {gib(store['disk_expected'])}"
+                      if steps is not None else "")
+            warnings.append(
+                f"the Engram tables' row store takes up to {gib(store['disk'])} on disk (rows and "
+                f"{table_optimizer} state) but {store_dir} has {gib(free)} free: its sparse files grow with the "
+                f"rows touched{expect}; a full disk stops the run with its last checkpoint intact")
+    elif plan is not None and table_store != "mmap" and warnings is not None and device == "cpu" \
+            and mmap_advised(store["ram"], have):
+        warnings.append(f"the Engram tables take {gib(store['ram'])} of RAM in training ({table_optimizer} "
+                        f"state included), more than half of the {gib(have)} available: --table-store mmap "
+                        "keeps them on disk")
+    return {**need, "table_disk": store["disk"], "table_disk_expected": store["disk_expected"]}

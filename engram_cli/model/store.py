@@ -20,7 +20,7 @@ sits in the third 64-bit word, so a block's 2**128 draws never reach the next bl
 is row ``r mod block_rows`` of its block. A row's initial value is thus a function of
 (seed, layer, row) alone: it never depends on the table's size, on when the row is first read, or
 on which rows were read before. Both backends materialize a block on its first touch (a gather or
-scatter of any of its rows) and record it in the block map; a read-only store computes untouched
+scatter of any of its rows or of their state) and record it in the block map; a read-only store computes untouched
 blocks without writing them. (This replaces torch's ``normal_(0, init_std)`` from the run's seed.)
 
 **Optimizer state**: named float32 arrays of ``(rows, width)`` beside the rows (e.g. Adam's ``m``
@@ -53,6 +53,23 @@ mismatch is one :class:`~engram_cli.core.errors.ArtifactError`. One process writ
 second writer is refused (``flock``, released by the kernel when the writer dies); readers
 (``writable=False``) take no lock.
 
+**Faults.** A write through a memory map into a hole of a sparse file needs a disk block; on a
+full disk the kernel cannot give one and kills the process with SIGBUS instead of returning an
+error. So the ``mmap`` backend *reserves* a block before it writes it: materializing a block
+calls ``posix_fallocate`` on its byte range in the rows file and in every state file first (the block
+map is reserved whole when the store is opened), and only then writes the initial rows and sets
+``INIT``. A full disk (``ENOSPC``, or a quota: ``EDQUOT``) thus raises :class:`StoreFullError`
+(one line) before anything of the block was written: the store stays as it was (a reserved range
+that was not written reads as zeros, like a hole, and its block is still uninitialized), and the
+run's last checkpoint is intact. (Copy-on-write filesystems — btrfs, ZFS — may still need new
+blocks when a reserved page is rewritten; there the guarantee is the filesystem's.) A store is
+created only on a filesystem with sparse files (:func:`check_sparse_files`: a 64 MiB probe file
+must take almost no disk); elsewhere ``mmap`` is refused with one line, since every table would
+take its full size on disk at once. Bytes changed in place inside a store file cannot be detected
+without hashing the whole table; what readers verify is the checkpoint's delta chain (a sha256
+per delta, ``engram_cli.train.deltas``), and ``rollback`` re-derives every block written after
+the last checkpoint from it.
+
 Threads: a lock serializes block materialization and scatters, so a background prefetch
 (``engram_cli.train.prefetch``) may gather while the main thread writes back; gathered rows that
 a concurrent scatter changes are re-read by the prefetcher (a :class:`WriteWatch` records them).
@@ -60,6 +77,7 @@ a concurrent scatter changes are re-read by the prefetcher (a :class:`WriteWatch
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -80,7 +98,17 @@ INIT, DIRTY = 1, 2           # block-map flags
 BACKENDS = ("memory", "mmap")
 _DTYPE = np.dtype("<f4")
 _MASK64 = (1 << 64) - 1
+SPARSE_PROBE_BYTES = 64 << 20   # size of the probe file that tells whether a filesystem has sparse files
 _FIX = "delete the store directory to start the tables afresh, or pass the run it belongs to"
+
+
+class StoreFullError(ArtifactError):
+    """The disk under a row store is full (ENOSPC) or over quota (EDQUOT): a block could not be
+    reserved, so nothing of it was written (module docstring, "Faults")."""
+
+    def __init__(self, message: str, hint: str, errno_: int):
+        super().__init__(message, hint)
+        self.errno = errno_
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,10 +192,11 @@ class RowStore:
 
     def __init__(self, spec: StoreSpec, backend: str, rows: np.ndarray, blockmap: np.ndarray,
                  state: dict[str, np.ndarray], *, writable: bool = True, path: Path | None = None,
-                 lock_fd: int | None = None):
+                 lock_fd: int | None = None, reserve_fds: dict[str, int] | None = None):
         self.spec, self.backend, self.writable, self.path = spec, backend, writable, path
         self._rows, self._blockmap, self._state = rows, blockmap, state
         self._lock_fd = lock_fd
+        self._reserve_fds = reserve_fds or {}   # mmap writer: "rows" / "state.<name>" -> fd, for fallocate
         self._mutex = threading.Lock()
         self._dirty: list[np.ndarray] = []
         self._dirty_size = 0
@@ -224,6 +253,7 @@ class RowStore:
         self._need_writable()
         arr = self._state_array(name)
         with self._mutex:
+            self._materialize_locked(rows)  # reserves the block's disk (state too) before the write
             arr[rows] = np.asarray(values, dtype=np.float32).reshape(rows.size, arr.shape[1])
             self._written(rows)
 
@@ -269,6 +299,9 @@ class RowStore:
         self.flush()
         self._rows = self._blockmap = None  # type: ignore[assignment]
         self._state = {}
+        for fd in self._reserve_fds.values():
+            os.close(fd)
+        self._reserve_fds = {}
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -310,10 +343,35 @@ class RowStore:
     def _materialize_locked(self, rows: np.ndarray) -> None:
         s = self.spec
         blocks = np.unique(rows // s.block_rows)
-        for b in blocks[(self._blockmap[blocks] & INIT) == 0].tolist():
+        fresh = blocks[(self._blockmap[blocks] & INIT) == 0].tolist()
+        if fresh and self._reserve_fds:
+            self._reserve(fresh)  # every block's disk first: a full disk raises before any write
+        for b in fresh:
             lo, hi = b * s.block_rows, min((b + 1) * s.block_rows, s.rows)
             self._rows[lo:hi] = initial_block(s.seed, s.layer_id, b, s.dim, s.init_std, s.block_rows)[: hi - lo]
             self._blockmap[b] |= INIT
+
+    def _reserve(self, blocks: list[int]) -> None:
+        """Allocate the disk of ``blocks`` in the rows file and every state file (posix_fallocate),
+        contiguous blocks in one call; ENOSPC/EDQUOT become one :class:`StoreFullError`."""
+        s = self.spec
+        widths = {"rows": s.dim, **{f"state.{name}": width for name, width in s.state}}
+        runs, start = [], blocks[0]
+        for prev, b in zip(blocks, blocks[1:] + [None]):
+            if b != prev + 1:
+                runs.append((start, prev + 1))
+                start = b
+        for key, fd in self._reserve_fds.items():
+            row_bytes = widths[key] * 4
+            for b0, b1 in runs:
+                lo, hi = b0 * s.block_rows, min(b1 * s.block_rows, s.rows)
+                try:
+                    os.posix_fallocate(fd, lo * row_bytes, (hi - lo) * row_bytes)
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise _full_error(e.errno, self.path, s.layer_id,
+                                      (hi - lo) * sum(w * 4 for w in widths.values())) from e
 
     def _written(self, rows: np.ndarray) -> None:
         """Record a scatter (caller holds the mutex)."""
@@ -367,6 +425,7 @@ def open_store(directory: str | os.PathLike, spec: StoreSpec, *, writable: bool 
     header_path = layer_prefix(directory, spec.layer_id).with_suffix(".json")
     files = store_files(directory, spec)
     lock_fd = None
+    reserve_fds: dict[str, int] = {}
     if writable:
         directory.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(header_path.with_suffix(".lock"), directory, spec.layer_id)
@@ -375,6 +434,7 @@ def open_store(directory: str | os.PathLike, spec: StoreSpec, *, writable: bool 
             _check_header(read_json(header_path, what="row store header", producer="engram train"),
                           spec, header_path)
         elif create and writable:
+            check_sparse_files(directory)
             for path, size in files.values():  # a sparse file of the final size: holes cost no disk
                 with open(path, "wb") as f:
                     f.truncate(size)
@@ -392,11 +452,24 @@ def open_store(directory: str | os.PathLike, spec: StoreSpec, *, writable: bool 
         blockmap = np.memmap(files["blocks"][0], dtype=np.uint8, mode=mode, shape=(spec.blocks,))
         state = {name: np.memmap(files[f"state.{name}"][0], dtype=_DTYPE, mode=mode, shape=(spec.rows, width))
                  for name, width in spec.state}
+        if writable:  # the block map whole, now (it is small); the rows' and state's blocks as they are touched
+            for key in ("blocks", "rows", *(f"state.{name}" for name, _ in spec.state)):
+                reserve_fds[key] = os.open(files[key][0], os.O_RDWR)
+            try:
+                os.posix_fallocate(reserve_fds["blocks"], 0, max(spec.blocks, 1))
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise _full_error(e.errno, directory, spec.layer_id, spec.blocks) from e
+            os.close(reserve_fds.pop("blocks"))
     except BaseException:
+        for fd in reserve_fds.values():
+            os.close(fd)
         if lock_fd is not None:
             os.close(lock_fd)
         raise
-    return RowStore(spec, "mmap", rows, blockmap, state, writable=writable, path=directory, lock_fd=lock_fd)
+    return RowStore(spec, "mmap", rows, blockmap, state, writable=writable, path=directory, lock_fd=lock_fd,
+                    reserve_fds=reserve_fds)
 
 
 def make_store(backend: str, spec: StoreSpec, directory: str | os.PathLike | None = None, **kw) -> RowStore:
@@ -435,3 +508,37 @@ def _lock(lock: Path, directory: Path, layer_id: int) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def check_sparse_files(directory: str | os.PathLike) -> None:
+    """Refuse (ConfigError) a ``directory`` whose filesystem has no sparse files: a probe file
+    truncated to :data:`SPARSE_PROBE_BYTES` must use under a quarter of that on disk."""
+    used = probe_sparse_bytes(Path(directory))
+    if used is not None and used >= SPARSE_PROBE_BYTES // 4:
+        raise ConfigError(f"the filesystem of {directory} has no sparse files (a {SPARSE_PROBE_BYTES >> 20} MiB "
+                          f"empty file took {used >> 20} MiB of disk): --table-store mmap would take every table's "
+                          "full size on disk at once",
+                          "put the run on a local filesystem with sparse files (ext4, xfs, btrfs, tmpfs), "
+                          "or use --table-store memory")
+
+
+def probe_sparse_bytes(directory: Path) -> int | None:
+    """Bytes of disk an empty file truncated to :data:`SPARSE_PROBE_BYTES` in ``directory`` takes
+    (``st_blocks``); None where the filesystem does not say (st_blocks absent)."""
+    probe = directory / f".sparse-probe-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(probe, "wb") as f:
+            f.truncate(SPARSE_PROBE_BYTES)
+            blocks = getattr(os.fstat(f.fileno()), "st_blocks", None)
+    finally:
+        probe.unlink(missing_ok=True)
+    return None if blocks is None else blocks * 512
+
+
+def _full_error(code: int, directory: Path | None, layer_id: int, need: int) -> StoreFullError:
+    what = "full" if code == errno.ENOSPC else "over its quota"
+    return StoreFullError(
+        f"the disk under the row store {directory} is {what} ({errno.errorcode[code]}): layer {layer_id}'s "
+        f"table could not grow by {need:,} bytes; nothing of the new rows was written",
+        "free disk space (or move the run to a larger disk), then continue from the last checkpoint "
+        "with `engram train --out RUN --resume`", code)

@@ -74,7 +74,12 @@ from engram_cli.tables.plan import MAX_EMBED_DIM_PER_HEAD, PLAN_FILE, TABLE_DTYP
 from engram_cli.tables.presets import PLAN_OPTIONS, check_published_rows, resolve_plan_options
 from engram_cli.tables.ray_count import DEFAULT_TASKS, CountJob, count_on_ray, default_partitions
 from engram_cli.tables.shards import check_shards, read_shard
-from engram_cli.tables.sizing import target_size_for_collision_rate, target_size_for_memory_budget
+from engram_cli.tables.sizing import (
+    ram_available,
+    table_store_advice,
+    target_size_for_collision_rate,
+    target_size_for_memory_budget,
+)
 from engram_cli.tables.stats import NgramStats
 from engram_cli.vocab.normalize import VocabMap, load_vocab
 from engram_cli.vocab.tokenizer import DEFAULT_TOKENIZER, find_eos_id, load_tokenizer
@@ -183,6 +188,9 @@ class BuildTablesResult:
     hot_rows: list[HotRowCurve] = field(default_factory=list)  # per layer: lookups served by the K hottest rows
     hot_row_lines: list[str] = field(default_factory=list)     # the curves in words, at the config's dtype
     token_cache: dict[str, Any] | None = None  # the token cache entry written or read: key, dir, entry, hit
+    # the tables in training on this machine (sizing.table_store_advice): float32 bytes by table
+    # optimizer, MemAvailable, whether `engram train --table-store mmap` is advised
+    train_memory: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("kind", "documents", "tokens", "bad_records", "seconds",
@@ -192,6 +200,7 @@ class BuildTablesResult:
                           "rows_for": {str(s): n for s, n in c.rows_for.items()}} for c in self.hot_rows]
         d["hot_row_lines"] = self.hot_row_lines
         d["token_cache"] = self.token_cache
+        d["train_memory"] = self.train_memory
         d["out"] = str(self.out)
         d["skipped_files"] = [list(x) for x in self.skipped_files]
         d["top"] = {str(n): [asdict(t) for t in rows] for n, rows in self.top.items()}
@@ -578,7 +587,8 @@ def _plan_and_measure(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int
                      "hot_rows": hot_lines}
     return BuildTablesResult(out=Path(config.out), kind="tables", top=top, plan=plan, memory=memory,
                              collisions=collisions, sweep=sweep_rows, published_rows=published, hot_rows=hot,
-                             hot_row_lines=hot_lines, **common)
+                             hot_row_lines=hot_lines, train_memory=table_store_advice(plan, ram_available()),
+                             **common)
 
 
 def _make_plan(config: BuildTablesConfig, vocab: VocabMap, sep: tuple[int, int], ngrams) -> TablePlan:
@@ -620,7 +630,7 @@ def _plan_only(config: BuildTablesConfig, vocab: VocabMap, tok, sep: tuple[int, 
     return BuildTablesResult(out=Path(config.out), kind="plan", documents=0, tokens=0, skipped_files=[],
                              bad_records=0, seconds=time.perf_counter() - t0, tokens_per_second=0.0, orders=[],
                              top={}, plan=plan, memory=memory, collisions=None, sweep=None,
-                             published_rows=published)
+                             published_rows=published, train_memory=table_store_advice(plan, ram_available()))
 
 
 def _write_reports(w, config: BuildTablesConfig, plan: TablePlan, by_order, counts, top, collisions, hists,

@@ -1,5 +1,7 @@
-"""Uniform-hashing predictions and table sizing: what random hashing would give, and the table
-sizes that reach a target collision rate or fit a memory budget.
+"""Uniform-hashing predictions and table sizing: what random hashing would give, the table
+sizes that reach a target collision rate or fit a memory budget, and what the tables take in
+training (rows and optimizer state, float32) next to the RAM this machine has — whether they
+should live on disk (``engram train --table-store mmap``).
 
 The measured collision figures (``engram_cli.tables.collisions``) are reported beside these predictions;
 ``engram build-tables --target-collision-rate`` and ``--memory-budget`` size plans with them.
@@ -8,11 +10,13 @@ The measured collision figures (``engram_cli.tables.collisions``) are reported b
 from __future__ import annotations
 
 import math
+import os
+from typing import Any
 
 import numpy as np
 
 from engram_cli.core.errors import ConfigError
-from engram_cli.tables.plan import MAX_TARGET_SIZE, next_prime, row_bytes
+from engram_cli.tables.plan import MAX_TARGET_SIZE, TablePlan, next_prime, row_bytes
 
 
 def expected_colliding_share(n_keys: int, n_slots: int) -> float:
@@ -135,3 +139,56 @@ def expected_indistinguishable_share(n_keys: int, n_slots: list[int] | tuple[int
     if p >= 1.0:
         return 1.0
     return -math.expm1((n_keys - 1) * math.log1p(-p))
+
+
+# ---------------------------------------------------------------------------------------------
+# the tables in training: rows and optimizer state, and where they should live
+
+#: float32 values of optimizer row state per table row of ``dim`` values, by ``train.table_optimizer``:
+#: the ``state_spec`` of ``engram_cli.train.rowopt``'s optimizers (a test holds the two equal)
+TABLE_OPTIMIZER_STATE_FLOATS = {"adam": lambda dim: 2 * dim, "rowwise-adagrad": lambda dim: 1}
+#: ``--table-store mmap`` is advised when the tables and their state need more than this share of
+#: the RAM available (the rest is for the dense model, activations, the page cache of the store)
+MMAP_ADVICE_SHARE = 0.5
+
+
+def table_train_bytes(plan: TablePlan, table_optimizer: str = "adam") -> dict[str, int]:
+    """Bytes of all layers' tables in training, float32: ``rows`` (values), ``state`` (the
+    optimizer's row state: Adam 2 x D floats a row, row-wise Adagrad 1) and ``total``."""
+    if table_optimizer not in TABLE_OPTIMIZER_STATE_FLOATS:
+        raise ConfigError(f"unknown table optimizer {table_optimizer!r}",
+                          f"use one of: {', '.join(TABLE_OPTIMIZER_STATE_FLOATS)}")
+    rows, dim = plan.total_slots_all, plan.embed_dim_per_head
+    values = rows * dim * 4
+    state = rows * TABLE_OPTIMIZER_STATE_FLOATS[table_optimizer](dim) * 4
+    return {"rows": values, "state": state, "total": values + state}
+
+
+def ram_available() -> int | None:
+    """Bytes of RAM a process can still allocate (MemAvailable of /proc/meminfo); None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def mmap_advised(table_bytes: int, available: int | None) -> bool:
+    """Whether tables of ``table_bytes`` (rows + state) should live on disk: more than
+    :data:`MMAP_ADVICE_SHARE` of the ``available`` RAM (False when that is unknown)."""
+    return available is not None and table_bytes > MMAP_ADVICE_SHARE * available
+
+
+def table_store_advice(plan: TablePlan, available: int | None = None) -> dict[str, Any]:
+    """The tables' training bytes by optimizer, the RAM available on this machine, and whether
+    ``--table-store mmap`` is advised (with the default optimizer, ``adam``): the plan reports of
+    ``engram build-tables`` show it."""
+    by_opt = {name: table_train_bytes(plan, name)["total"] for name in TABLE_OPTIMIZER_STATE_FLOATS}
+    return {"train_bytes": by_opt, "ram_available": available,
+            "mmap_advised": mmap_advised(by_opt["adam"], available)}
