@@ -30,7 +30,7 @@ from engram_cli.model.config import LEGACY_MODEL_DEFAULTS, ModelConfig
 TABLE_STORES = ("memory", "mmap", "module")
 ROW_OPTIMIZER_NAMES = ("adam", "rowwise-adagrad")   # engram_cli.train.rowopt.ROW_OPTIMIZERS
 #: what a run's config.json lacking a [train] key recorded by then meant (runs before the row store)
-LEGACY_TRAIN_DEFAULTS = {"table_store": "module"}
+LEGACY_TRAIN_DEFAULTS = {"table_store": "module", "table_optimizer": "adam", "prefetch": True}
 
 
 def toml_module() -> types.ModuleType:
