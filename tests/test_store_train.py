@@ -248,3 +248,18 @@ def test_an_old_module_run_still_resumes_and_evaluates(tmp_path, tiny_tables):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     e = runner.invoke(app, ["eval", str(tmp_path / "old"), "--json"])
     assert e.exit_code == 0, e.output
+
+
+def test_inspect_tables_reads_a_store_run(runs):
+    """inspect-tables on a store run: rows from the store, the store's keyed init, the chain's rows."""
+    from engram_cli import inspect_tables as I
+
+    for name in ("memory", "mmap"):
+        r = load_run(runs[name], with_model=False)
+        w = all_rows(runs[name])[1]
+        w0 = I.initial_rows(r, 1, slice(None))
+        upd = I.updated_rows(r, 1, w.shape[0])
+        assert w0.shape == w.shape and 0 < upd.sum() < w.shape[0]
+        assert np.array_equal(w[~upd], w0[~upd]) and (np.linalg.norm(w[upd] - w0[upd], axis=1) > 0).all()
+        with I.TableRows(r) as t:
+            assert t.shape(1) == w.shape and np.array_equal(t.read(1, 5, 17), w[5:17])

@@ -66,6 +66,7 @@ class TableStores:
         self._submitted: int | None = None  # the step index whose working set the prefetcher prepares
         self._sets: dict[int, LayerWorkingSet] = {}
         self._bound: dict[int, torch.Tensor] = {}
+        self._pending_chain: list[dict[str, Any]] | None = None  # the chain of the checkpoint being written
 
     @classmethod
     def open(cls, *, ts: TrainSettings, plan: TablePlan, model_config, work: Path, resumed: Checkpoint | None,
@@ -178,7 +179,7 @@ class TableStores:
     def committed(self, step: int) -> None:
         """The checkpoint at ``step`` is committed: its delta is the chain's last link; the
         stores are clean (every rank calls it)."""
-        pending = getattr(self, "_pending_chain", None)
+        pending = self._pending_chain
         if pending is not None and pending[-1]["step"] == step:
             self.chain = pending
         self._pending_chain = None
