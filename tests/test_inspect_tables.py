@@ -35,7 +35,8 @@ LAYER = 1
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, train_tiny_run) -> Path:
-    return train_tiny_run(tmp_path_factory.mktemp("inspect_tables") / "run")
+    # a "module" run (tables in model.safetensors); store runs: tests/test_store_train.py
+    return train_tiny_run(tmp_path_factory.mktemp("inspect_tables") / "run", "train.table_store=module")
 
 
 @pytest.fixture(scope="module")

@@ -359,7 +359,7 @@ def test_cli_two_point_memory_sweep_end_to_end(tmp_path, tiny_tables):
         ["backbone--seed=0", "slots=1--seed=0"]
     kept = {"manifest.json", "config.json", "metrics.jsonl", "loss_curve.png", "ckpt"}
     assert {p.name for p in (out / "runs" / "backbone--seed=0").iterdir()} == kept
-    assert {p.name for p in (out / "runs" / "slots=1--seed=0").iterdir()} == kept | {"table_plan.json"}
+    assert {p.name for p in (out / "runs" / "slots=1--seed=0").iterdir()} == kept | {"table_plan.json", "table_deltas"}  # a store run: its delta chain
     one_row = next(x for x in data["runs"] if x["point"] == "slots=1")
     assert one_row["table_rows"] == 4 and one_row["bits_per_byte"] > 0  # 2 heads x 2 orders x 1 layer, one row each
     assert [p.name for p in tmp_path.iterdir()] == ["mem"]  # nothing beside it but its lock, released

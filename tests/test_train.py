@@ -69,15 +69,16 @@ def invoke(*args: str):
 # resume, learning, cache
 
 
-def test_resume_continues_exactly(tmp_path, tables):
-    full = run(tmp_path / "full", tables)
+@pytest.mark.parametrize("store", ["memory", "mmap", "module"])
+def test_resume_continues_exactly(tmp_path, tables, store):
+    full = run(tmp_path / "full", tables, f"train.table_store={store}")
 
     def crash_after_step_4(task, completed, total=None, **info):
         if task == "train" and completed == 4:
             raise KeyboardInterrupt  # the process dies after step 4; the last checkpoint is step 3
 
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", tables, progress=crash_after_step_4)
+        run(tmp_path / "cut", tables, f"train.table_store={store}", progress=crash_after_step_4)
     assert [m["step"] for m in metrics(tmp_path / "cut")] == [1, 2, 3, 4]
     resumed = train(TrainConfig(out=tmp_path / "cut", resume=True, cache_dir=tmp_path / "cache"))
     assert resumed.start_step == 3 and resumed.steps == 6
@@ -255,7 +256,9 @@ def test_cli_end_to_end_with_allocation(tmp_path, tables):
     r = invoke(*args, "--allocation", "0.5", "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
-    assert files(out) == RUN_FILES | {"table_plan.json"}  # the derived plan; step 3 was pruned (keep 1)
+    deltas = {f"table_deltas/step_00000{n}/layer_{layer}.delta.{ext}" for n in (3, 6) for layer in (1,)
+              for ext in ("json", "safetensors")}  # a memory store run's deltas: never pruned
+    assert files(out) == RUN_FILES | {"table_plan.json"} | deltas  # the derived plan; step 3 was pruned (keep 1)
     assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == ["run"]
     assert result["steps"] == 6 and result["val_loss"] < result["unigram_entropy"] + 3
     assert result["plan"]["source"] == "derived" and result["budget"]["moe_num_experts"] == 3

@@ -23,6 +23,8 @@ EXAMPLES = [
      "read field `body` of JSONL/Parquet inputs; stop after 5M tokens"),
     ("engram train corpus/ -T out/tables -o out/run-h4 -c configs/tiny.toml --set plan.n_head_per_ngram=4 "
      "--allocation 0.75", "re-plan the tables (4 heads per order), then size them by the allocation"),
+    ("engram train corpus/ -T out/tables -o out/run-big -c configs/tiny.toml --table-store mmap",
+     "keep the Engram tables in memory-mapped sparse files in out/run-big/tables/ (tables larger than RAM)"),
     ("engram train corpus/ -T out/tables -o out/run -c configs/tiny.toml --log tensorboard",
      "also write TensorBoard event files to out/run/tensorboard/"),
 ]
@@ -53,6 +55,11 @@ def train_command(
         "--vocab", "-v", metavar="DIR", help="Vocab artifact, if not where the tables recorded it.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(
         "--tokenizer", "-t", metavar="SPEC", help="Tokenizer spec (default: the one the tables were built with; must match it).")] = None,
+    table_store: Annotated[Optional[str], typer.Option(
+        "--table-store", metavar="memory|mmap|module",
+        help="Where the Engram tables live: a row store in RAM (memory, the default), in memory-mapped sparse files "
+             "in <out>/tables/ (mmap: tables larger than RAM), or an nn.Embedding (module: runs before the row store). "
+             "Same as --set train.table_store=...")] = None,
     log: Annotated[Optional[str], typer.Option(
         "--log", metavar="tensorboard", help="Also log the metrics as TensorBoard event files in <out>/tensorboard/ "
                                              "(needs `pip install tensorboard`).")] = None,
@@ -68,7 +75,8 @@ def train_command(
     from engram_cli.train import TrainConfig, load_settings, train
 
     settings = load_settings(config) if config is not None else None
-    cfg = TrainConfig(out=out, tables=tables, sources=list(corpus or []), settings=settings, overrides=list(set_ or []),
+    overrides = list(set_ or []) + ([f"train.table_store={table_store}"] if table_store is not None else [])
+    cfg = TrainConfig(out=out, tables=tables, sources=list(corpus or []), settings=settings, overrides=overrides,
                       allocation=allocation,
                       device=device, resume=resume, force=force, cache_dir=cache_dir, vocab=vocab, tokenizer=tokenizer,
                       log=log)

@@ -60,14 +60,19 @@ class Checkpointer:
         return {"config": config_doc, "model_config": asdict(spec.config), "fingerprints": fingerprints,
                 "plan_source": spec.plan_source, "budget": budget}
 
-    def save(self, log: RunLog, step: int, model, optimizers: Optimizers, metrics: dict) -> Path:
+    def save(self, log: RunLog, step: int, model, optimizers: Optimizers, metrics: dict, tables=None) -> Path:
         """An atomic checkpoint of everything needed to continue bit for bit (rank 0 only); a
-        --force run's first one makes the run replace the previous one (:meth:`RunLog.adopt`)."""
+        --force run's first one makes the run replace the previous one (:meth:`RunLog.adopt`).
+        A store run (``tables``, a TableStores) first writes its tables' deltas (the rows changed
+        since the previous checkpoint) and records the chain in ``state.json``; the caller marks
+        the stores clean once this returns (the checkpoint is committed)."""
         ts = self.ts
         state = {**self.identity,
                  "data_position": {"sampler": "uniform-windows", "seed": ts.seed, "next_step": step,
                                    "train_windows": self.train_windows, "batch_size": ts.batch_size},
                  "world_size": self.world_size, "metrics": metrics}
+        if tables is not None:
+            state["table_store"] = tables.write_deltas(log.work, step)
         path = save_checkpoint(log.work, step, model=model, optimizers=optimizers.by_name,
                                sparse_optimizers=("sparse_adam",), subvocab_ids=self.subvocab_ids, plan=self.plan,
                                state=state, keep=ts.keep_checkpoints, cuda=self.cuda)

@@ -248,6 +248,12 @@ class Batches:
         prev = np.where(r > 0, self._cum[r - 1], 0)
         return self._starts[r] + (u - prev)
 
+    def train_canonical(self, step: int) -> np.ndarray:
+        """The canonical ids of the whole global batch of ``step`` (B, T), identical on every rank:
+        what a store run's working set is built from (``engram_cli.train.tablestore``)."""
+        win = self.data.stream[self.train_starts(step)[:, None] + np.arange(self.T)]
+        return self.data.canonical[win]
+
     def train_batch(self, step: int) -> Batch:
         """This rank's contiguous slice of the global batch of ``step``."""
         per = self.B // self.world

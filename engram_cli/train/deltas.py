@@ -42,6 +42,7 @@ from engram_cli.model.store import RowStore, initial_rows
 
 DELTA_FORMAT = "engram.rowstore_delta"
 DELTA_VERSION = 1
+DELTAS_DIR = "table_deltas"   # in a run: table_deltas/step_<N>/, never pruned (resume replays the chain)
 _FIX = "resume from an earlier checkpoint, or retrain the run with `engram train --force`"
 
 
@@ -60,6 +61,31 @@ def delta_paths(directory: str | os.PathLike, layer_id: int) -> tuple[Path, Path
     """(record JSON, data safetensors) of layer ``layer_id``'s delta in ``directory``."""
     p = Path(directory) / f"layer_{layer_id}.delta"
     return p.with_name(p.name + ".json"), p.with_name(p.name + ".safetensors")
+
+
+def delta_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where a run keeps the deltas of its checkpoint at ``step``: ``<run>/table_deltas/step_<N>/``."""
+    return Path(run_dir) / DELTAS_DIR / f"step_{step:06d}"
+
+
+def chain_paths(run_dir: str | os.PathLike, chain: list[dict[str, Any]], layer_id: int) -> list[Path]:
+    """The record paths of layer ``layer_id``'s deltas along ``chain`` (a checkpoint's record:
+    ``[{"step", "since", "records": {layer: sha256 of the record JSON}}, ...]``, oldest first),
+    each checked against the sha256 the checkpoint recorded (the record holds its data file's)."""
+    out = []
+    for link in chain:
+        if not isinstance(link, dict) or not isinstance(link.get("step"), int) or \
+                not isinstance(link.get("records"), dict):
+            raise ArtifactError(f"the table delta chain of run {run_dir} is malformed", _FIX)
+        record, _ = delta_paths(delta_dir(run_dir, link["step"]), layer_id)
+        want = link["records"].get(str(layer_id))
+        if not record.is_file():
+            raise ArtifactError(f"the table delta {record} (step {link['step']}) is missing", _FIX)
+        if want is None or sha256_file(record) != want:
+            raise ArtifactError(f"the table delta {record} is not the one the checkpoint recorded "
+                                "(sha256 mismatch: modified after it was written)", _FIX)
+        out.append(record)
+    return out
 
 
 def write_delta(store: RowStore, directory: str | os.PathLike, *, step: int, since: int | None) -> DeltaRecord:

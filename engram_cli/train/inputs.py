@@ -173,12 +173,13 @@ class ModelSpec:
         """The run made its own plan, saved beside it (table_plan.json)."""
         return self.plan_source in ("derived", "replanned")
 
-    def build(self, seed: int, device) -> EngramModel:
-        """The model, initialized from ``seed`` (torch, numpy and python RNGs seeded first)."""
+    def build(self, seed: int, device, store_backed: bool = False) -> EngramModel:
+        """The model, initialized from ``seed`` (torch, numpy and python RNGs seeded first);
+        ``store_backed``: its Engram tables live in row stores (``train.table_store`` memory|mmap)."""
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        return EngramModel(self.config, self.plan).to(device)
+        return EngramModel(self.config, self.plan, store_backed=store_backed).to(device)
 
     def budget(self, model: EngramModel) -> dict[str, Any]:
         """The manifest's ``budget``: parameter counts and the allocation."""

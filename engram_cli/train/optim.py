@@ -38,33 +38,42 @@ def make_optimizers(model, ts: TrainSettings) -> dict:
     return optimizers
 
 
-def apply_schedule(optimizers: dict, ts: TrainSettings, step: int) -> dict[str, float | None]:
+def apply_schedule(optimizers: dict, ts: TrainSettings, step: int, row_tables: bool = False) -> dict[str, float | None]:
     """Set every group's ``lr`` for the step with 0-based index ``step``; returns
-    ``{"lr": ..., "engram_lr": ...}`` as metrics.jsonl records them (``engram_lr`` None without tables)."""
+    ``{"lr": ..., "engram_lr": ...}`` as metrics.jsonl records them (``engram_lr`` None without
+    tables; ``row_tables``: the tables live in row stores, updated at ``engram_lr`` by a row optimizer)."""
     f = lr_factor(step, ts)
     lr = ts.lr * f
     for g in optimizers["adamw"].param_groups:
         g["lr"] = lr
     engram_lr = None
-    if "sparse_adam" in optimizers:
+    if "sparse_adam" in optimizers or row_tables:
         engram_lr = ts.lr * ts.engram_lr_mult * f
-        for g in optimizers["sparse_adam"].param_groups:
+        for g in optimizers["sparse_adam"].param_groups if "sparse_adam" in optimizers else ():
             g["lr"] = engram_lr
     return {"lr": lr, "engram_lr": engram_lr}
 
 
 class Optimizers:
-    """AdamW on the dense weights and (with Engram tables) SparseAdam on the table rows a step looked up."""
+    """AdamW on the dense weights and, with Engram tables, SparseAdam on the table rows a step
+    looked up ("module" runs) or the row optimizer on the step's working set of the row stores
+    (``row_tables``, a :class:`~engram_cli.train.tablestore.TableStores`)."""
 
-    def __init__(self, model, ts: TrainSettings):
+    def __init__(self, model, ts: TrainSettings, row_tables=None):
         self.ts = ts
+        self.model = model
         self.dense = model.dense_parameters()              # AdamW's, clipped
         self.tables = model.engram_table_parameters()      # SparseAdam's (sparse gradients); [] without Engram
         self.by_name = make_optimizers(model, ts)          # {"adamw", "sparse_adam"?}: what checkpoints store
+        self.row_tables = row_tables                       # TableStores of a store run, else None
+        self._engram_lr: float | None = None
+        self._row_grads: dict = {}
 
     def schedule(self, step_index: int) -> dict[str, float | None]:
         """Set the learning rates of the step with 0-based index ``step_index`` (:func:`apply_schedule`)."""
-        return apply_schedule(self.by_name, self.ts, step_index)
+        lr = apply_schedule(self.by_name, self.ts, step_index, row_tables=self.row_tables is not None)
+        self._engram_lr = lr["engram_lr"]
+        return lr
 
     def zero_grad(self) -> None:
         for opt in self.by_name.values():
@@ -73,14 +82,20 @@ class Optimizers:
     def reduce_and_clip(self, d: Dist) -> float:
         """Average the gradients over the ranks, clip the dense ones (``grad_clip`` > 0); returns
         the dense gradients' global L2 norm before clipping."""
+        if self.row_tables is not None:  # the working sets' gradients, averaged over the ranks; unbound
+            self._row_grads = self.row_tables.grads(self.model)
         if d.world_size > 1:
             allreduce_gradients(self.dense, self.tables, d.world_size)
         if self.ts.grad_clip > 0:
             return float(torch.nn.utils.clip_grad_norm_(self.dense, self.ts.grad_clip))
         return float(torch.norm(torch.stack([p.grad.norm() for p in self.dense if p.grad is not None])))
 
-    def step(self) -> None:
-        """The update: AdamW on the dense weights, then SparseAdam on the looked-up table rows."""
+    def step(self, step: int | None = None) -> None:
+        """The update of optimizer step ``step`` (1-based): AdamW on the dense weights, then
+        SparseAdam on the looked-up table rows, or the row optimizer on the row stores' working set."""
         self.by_name["adamw"].step()
         if "sparse_adam" in self.by_name:
             self.by_name["sparse_adam"].step()
+        if self.row_tables is not None:
+            self.row_tables.step(self._row_grads, self._engram_lr, step)
+            self._row_grads = {}

@@ -9,6 +9,11 @@
     table_plan.json   only when --allocation or [plan] settings made the run's own plan
     tensorboard/      only with --log tensorboard: the same metrics as TensorBoard event files
     ckpt/             checkpoints (see engram_cli.train.checkpoint)
+    table_deltas/     store runs: per checkpoint step_<N>/layer_<L>.delta.{json,safetensors}, the
+                      table rows changed since the previous checkpoint (engram_cli.train.deltas;
+                      never pruned: resume and readers replay the chain)
+    tables/           mmap runs: the row stores (engram_cli.model.store's layout); changed by every
+                      step, so the manifest lists only their headers (layer_<L>.json)
 
 Unlike the other stages' artifacts, a run directory is written in place while training (its
 manifest says ``"status": "training"`` until the end); every file in it is written atomically
@@ -40,7 +45,8 @@ from engram_cli.core.artifacts import (
 from engram_cli.core.errors import ArtifactError, ConfigError
 from engram_cli.tables.plan import PLAN_FILE
 from engram_cli.train import checkpoint as ckpt_mod
-from engram_cli.train.runs import CONFIG_FILE, CONFIG_FORMAT, RUN_FORMAT, plan_fingerprint
+from engram_cli.train.deltas import DELTAS_DIR
+from engram_cli.train.runs import CONFIG_FILE, CONFIG_FORMAT, RUN_FORMAT, TABLES_DIR, plan_fingerprint
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -171,6 +177,8 @@ class RunManifest:
             rel = p.relative_to(out)
             if any(part.startswith(".") for part in rel.parts):
                 continue
+            if rel.parts[0] == TABLES_DIR and not (len(rel.parts) == 2 and rel.suffix == ".json"):
+                continue  # an mmap store's data: rewritten by every step (the checkpoints record its deltas)
             files[rel.as_posix()] = None
         for rel in list(files):
             parts = rel.split("/")
@@ -180,6 +188,13 @@ class RunManifest:
                     files[rel] = recorded[parts[2]]
                     continue
                 except (OSError, KeyError, json.JSONDecodeError):
+                    pass
+            if len(parts) == 3 and parts[0] == DELTAS_DIR and parts[2].endswith(".delta.safetensors"):
+                try:  # its record holds its size and sha256 (written once, never changed)
+                    rec = json.loads((out / (rel.removesuffix(".safetensors") + ".json")).read_text(encoding="utf-8"))
+                    files[rel] = {"bytes": int(rec["bytes"]), "sha256": str(rec["sha256"])}
+                    continue
+                except (OSError, KeyError, ValueError, TypeError):
                     pass
             p = out / rel
             try:

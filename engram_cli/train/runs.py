@@ -37,17 +37,22 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.core.artifacts import check_schema, read_json, read_manifest
+from engram_cli.core.artifacts import check_schema, read_json, read_manifest, sha256_file
 from engram_cli.core.errors import ArtifactError
 from engram_cli.model.config import ModelConfig
+from engram_cli.model.store import RowStore, StoreSpec, layer_prefix, memory_store, open_store
 from engram_cli.model.transformer import EngramModel
 from engram_cli.tables.plan import TablePlan
-from engram_cli.train.checkpoint import Checkpoint, read_checkpoint
+from engram_cli.train.checkpoint import Checkpoint, latest_step, read_checkpoint
 from engram_cli.train.data import SubVocab
+from engram_cli.train.deltas import chain_paths, replay
+from engram_cli.train.rowopt import make_row_optimizer
+from engram_cli.train.settings import table_store_of
 from engram_cli.vocab.normalize import VocabMap, load_vocab
 from engram_cli.vocab.tokenizer import LoadedTokenizer, find_eos_id, load_tokenizer
 
 RUN_FORMAT = "engram.run"
+TABLES_DIR = "tables"                    # an mmap run's row stores (engram_cli.model.store's layout)
 CONFIG_FILE = "config.json"              # the run's resolved configuration, written by the trainer
 CONFIG_FORMAT = "engram.train_config"    # its first field
 
@@ -77,6 +82,16 @@ class LoadedRun:
     vocab: VocabMap                 # fingerprint-checked against the run
     separator_id: int | None        # original id training put before every document (data.eos_token)
     model: EngramModel | None = None  # in eval mode on the requested device
+    stores: dict[int, RowStore] | None = None  # a store run's tables at this step (read-only; see run_stores)
+
+    @property
+    def table_store(self) -> str:
+        """Where the run's tables live: "memory", "mmap" (row stores) or "module" (in model.safetensors)."""
+        return table_store_of(self.config)
+
+    @property
+    def store_backed(self) -> bool:
+        return self.table_store != "module" and self.plan is not None
 
     @property
     def label(self) -> str:
@@ -142,13 +157,88 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str = 
 def build_model(run: LoadedRun, device: str = "cpu") -> EngramModel:
     """The run's model with the checkpoint's weights, in eval mode on ``device``."""
 
-    model = EngramModel(run.model_config, run.plan)
+    model = EngramModel(run.model_config, run.plan, store_backed=run.store_backed)
     try:
         model.load_state_dict(run.checkpoint.model_state())
     except RuntimeError as e:
         raise ArtifactError(f"checkpoint {run.checkpoint.path}: the weights do not fit its model config "
                             f"({str(e).splitlines()[0][:80]})", _RETRAIN) from e
+    if run.store_backed:
+        model.attach_stores(run_stores(run))
     return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# the row stores of a store run
+
+
+def store_specs(plan: TablePlan, model_config: ModelConfig, seed: int, table_optimizer: str) -> dict[int, StoreSpec]:
+    """The StoreSpec of every Engram layer of a store run (what its stores must be)."""
+    fp = plan_fingerprint(plan)
+    dim = plan.embed_dim_per_head
+    state = make_row_optimizer(table_optimizer).state_spec(dim)
+    return {layer: StoreSpec(layer_id=layer, rows=plan.total_slots(layer), dim=dim, seed=int(seed),
+                             init_std=float(model_config.init_std), state=state, plan_fingerprint=fp)
+            for layer in plan.layer_ids}
+
+
+def store_record(ckpt: Checkpoint) -> dict[str, Any]:
+    """A store run's checkpoint record of its tables (``state.json``'s ``table_store``), checked."""
+    rec = ckpt.state.get("table_store")
+    where = f"checkpoint {ckpt.path}/state.json"
+    if not isinstance(rec, dict):
+        raise ArtifactError(f"{where} records no table store, but the run keeps its tables in one", _RETRAIN)
+    check_schema(rec, f"{where} entry 'table_store'", {"backend": str, "optimizer": str, "chain": list,
+                                                       "headers": dict}, _RETRAIN)
+    return rec
+
+
+def header_path(store_dir: Path, layer_id: int) -> Path:
+    return layer_prefix(store_dir, layer_id).with_suffix(".json")
+
+
+def check_store_header(store_dir: Path, layer_id: int, rec: dict[str, Any], ckpt: Checkpoint) -> None:
+    """An mmap store's header must be the one the checkpoint recorded (sha256)."""
+    path = header_path(store_dir, layer_id)
+    want = rec["headers"].get(str(layer_id))
+    if want is None or sha256_file(path) != want:
+        raise ArtifactError(f"the row store header {path} is not the one checkpoint {ckpt.path} recorded "
+                            "(sha256 mismatch: modified after it was written)",
+                            "restore it, or delete the run's tables/ directory to rebuild the store from its deltas")
+
+
+def run_stores(run: LoadedRun) -> dict[int, RowStore]:
+    """A store run's tables at the loaded step, read-only, layer id -> RowStore (kept on ``run``).
+
+    An ``mmap`` run whose store is clean at the requested checkpoint (the latest, no block written
+    since) is opened read-only and mapped — seconds and little memory whatever the table size.
+    Otherwise (a ``memory`` run, an earlier ``--step``, an ``mmap`` run stopped after its last
+    checkpoint) the checkpoint's delta chain is replayed into a store in RAM. Every delta is
+    checked against the sha256 the checkpoint recorded, an mmap store's header likewise.
+    """
+    if run.stores is not None:
+        return run.stores
+    rec = store_record(run.checkpoint)
+    train_cfg = run.checkpoint.state.get("config", {}).get("train", {})
+    specs = store_specs(run.plan, run.model_config, int(train_cfg.get("seed", 0)), rec["optimizer"])
+    stores: dict[int, RowStore] = {}
+    store_dir = run.run_dir / TABLES_DIR
+    if rec["backend"] == "mmap" and run.step == latest_step(run.run_dir) and \
+            all(header_path(store_dir, layer).is_file() for layer in specs):
+        for layer, spec in specs.items():
+            check_store_header(store_dir, layer, rec, run.checkpoint)
+            stores[layer] = open_store(store_dir, spec, writable=False, create=False)
+        if all(s.dirty_blocks().size == 0 for s in stores.values()):
+            run.stores = stores
+            return stores
+        for s in stores.values():
+            s.close()
+        stores = {}
+    for layer, spec in specs.items():
+        stores[layer] = replay(memory_store(spec), chain_paths(run.run_dir, rec["chain"], layer))
+        stores[layer].writable = False
+    run.stores = stores
+    return stores
 
 
 def plan_fingerprint(plan: TablePlan | None) -> str | None:

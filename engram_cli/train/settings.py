@@ -27,6 +27,11 @@ from engram_cli.core.errors import ConfigError, InputError
 from engram_cli.corpus.spec import CorpusSpec
 from engram_cli.model.config import LEGACY_MODEL_DEFAULTS, ModelConfig
 
+TABLE_STORES = ("memory", "mmap", "module")
+ROW_OPTIMIZER_NAMES = ("adam", "rowwise-adagrad")   # engram_cli.train.rowopt.ROW_OPTIMIZERS
+#: what a run's config.json lacking a [train] key recorded by then meant (runs before the row store)
+LEGACY_TRAIN_DEFAULTS = {"table_store": "module", "table_optimizer": "adam", "prefetch": True, "threads": 0}
+
 
 def toml_module() -> types.ModuleType:
     """``tomllib`` (Python >= 3.11), else the ``tomli`` backport it was taken from (same API:
@@ -81,6 +86,15 @@ class TrainSettings:
     checkpoint_interval: int = 200
     # checkpoints kept on disk (the newest; the one latest.json names is never deleted)
     keep_checkpoints: int = 2
+    # where the Engram tables live (docs/training.md "Tables larger than memory"): "memory" (a row
+    # store in RAM), "mmap" (a row store in memory-mapped sparse files in <run>/tables/) or "module"
+    # (an nn.Embedding + SparseAdam: runs recorded before the row store, whose config lacks the key)
+    table_store: str = "memory"
+    # the row optimizer of a row store ("adam": SparseAdam's arithmetic, 2 x D floats of state per
+    # row; "rowwise-adagrad": one float per row); "module" runs always use SparseAdam
+    table_optimizer: str = "adam"
+    # prepare the next step's working set of table rows on a background thread (results unchanged)
+    prefetch: bool = True
 
 
 @dataclass
@@ -148,7 +162,7 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainSettings, "data
 TRAINER_SET = {"model.vocab_size": "the model's vocabulary is the corpus's sub-vocabulary, sized by the trainer"}
 #: keys a resumed run may change (bookkeeping only; `steps` moves the end of the cosine schedule)
 RESUME_MUTABLE = {"train.steps", "train.eval_interval", "train.eval_batches", "train.log_interval",
-                  "train.checkpoint_interval", "train.keep_checkpoints"}
+                  "train.checkpoint_interval", "train.keep_checkpoints", "train.prefetch"}
 
 
 @dataclass
@@ -282,6 +296,7 @@ def load_settings(path: str | os.PathLike | None = None, overrides: list[str] | 
         if path.suffix == ".json" and isinstance(doc.get("model"), dict):  # a run's config.json
 
             doc["model"] = {**LEGACY_MODEL_DEFAULTS, **doc["model"]}
+            doc["train"] = {**LEGACY_TRAIN_DEFAULTS, **(doc.get("train") or {})}
         for section, body in doc.items():
             if section not in SECTIONS or not isinstance(body, dict):
                 raise ConfigError(f"{path}: unknown section [{section}]", "sections: [model], [train], [data], [plan]")
@@ -336,6 +351,13 @@ def check_settings(s: Settings) -> None:
     need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}", "use 0 for no warmup")
     need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}", "e.g. 0.1")
     need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}", "use 0 for no clipping")
+    need(t.table_store in TABLE_STORES, f"train.table_store must be one of {', '.join(TABLE_STORES)}, "
+         f"got {t.table_store!r}", "e.g. --table-store memory")
+    need(t.table_optimizer in ROW_OPTIMIZER_NAMES, f"train.table_optimizer must be one of "
+         f"{', '.join(ROW_OPTIMIZER_NAMES)}, got {t.table_optimizer!r}", "e.g. --set train.table_optimizer=rowwise-adagrad")
+    need(t.table_store != "module" or t.table_optimizer == "adam",
+         f"train.table_optimizer = {t.table_optimizer!r} needs a row store; train.table_store = \"module\" "
+         "always uses SparseAdam", "use --table-store memory (or mmap)")
     need(d.min_count >= 1, f"data.min_count must be >= 1, got {d.min_count}", "1 keeps every training token")
     need(d.doc_mode in ("file", "line"), f"data.doc_mode must be file or line, got {d.doc_mode!r}", "e.g. --set data.doc_mode=line")
     need(d.val_chunk_tokens > s.model.block_size,
@@ -354,15 +376,11 @@ def check_settings(s: Settings) -> None:
          "drop plan.target_size (or set it to 1)")
 
 
-#: the value of a setting in runs recorded before the setting existed (what those runs did)
-LEGACY_SETTINGS = {"train.threads": 0}
-
-
 def check_resume_settings(saved: dict, new: Settings, where: Path) -> None:
     """A resumed run's settings may differ from the ``saved`` config.json only in RESUME_MUTABLE keys."""
-    saved = {**saved, "plan": {**asdict(PlanSettings()), **(saved.get("plan") or {})}}  # runs from before [plan]
-    old_flat = {**LEGACY_SETTINGS,
-                **{f"{s}.{k}": v for s, sec in saved.items() if s in SECTIONS for k, v in sec.items()}}
+    saved = {**saved, "plan": {**asdict(PlanSettings()), **(saved.get("plan") or {})},  # runs from before [plan]
+             "train": {**LEGACY_TRAIN_DEFAULTS, **(saved.get("train") or {})}}  # ... and before the row store
+    old_flat = {f"{s}.{k}": v for s, sec in saved.items() if s in SECTIONS for k, v in sec.items()}
     diffs = [f"{k} {old_flat.get(k)!r} → {v!r}" for k, v in new.flat().items()
              if k not in RESUME_MUTABLE and old_flat.get(k) != v]
     if diffs:
@@ -380,3 +398,9 @@ def lr_factor(step: int, t: TrainSettings) -> float:
     span = max(1, t.steps - 1 - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def table_store_of(config: dict[str, Any]) -> str:
+    """Where a run's tables live, from its config.json (or a checkpoint's ``config``): a run
+    recorded before the row store has no ``train.table_store`` and is a "module" run."""
+    return str((config.get("train") or {}).get("table_store", LEGACY_TRAIN_DEFAULTS["table_store"]))

@@ -42,7 +42,9 @@ from engram_cli.train.feed import BatchFeed
 from engram_cli.train.inputs import ModelSpec, RunInputs, load_train_data
 from engram_cli.train.optim import Optimizers
 from engram_cli.train.request import RunRequest, TrainConfig
+from engram_cli.train.rowopt import make_row_optimizer
 from engram_cli.train.run import METRICS_FILE, RunLog, config_doc
+from engram_cli.train.tablestore import TableStores, check_table_store
 
 
 @dataclass
@@ -137,8 +139,15 @@ def build_trainer(config: TrainConfig, device, d: Dist, progress: ProgressFn, t_
     fingerprints = inputs.fingerprints(spec, data.subvocab)
     request.check_resumed(fingerprints, spec.config)        # a resumed checkpoint must be of these inputs and model
 
-    model = spec.build(ts.seed, device)
+    store_run = ts.table_store != "module" and spec.plan is not None   # the tables live in row stores
+    if store_run:
+        check_table_store(ts, d.world_size)
+    model = spec.build(ts.seed, device, store_backed=store_run)
     budget = spec.budget(model)
+    if store_run:  # what the manifest and checkpoints record of where the tables live
+        dim = spec.plan.embed_dim_per_head
+        budget["table_store"] = {"backend": ts.table_store, "optimizer": ts.table_optimizer,
+                                 "state_bytes_per_row": make_row_optimizer(ts.table_optimizer).state_bytes_per_row(dim)}
     optimizers = Optimizers(model, ts)
     dist_mod.broadcast_parameters(model, d)                 # every rank starts from rank 0's weights
     start_step = restore(request.resumed, model, optimizers, ts.steps)  # weights, optimizer and RNG states
@@ -155,6 +164,11 @@ def build_trainer(config: TrainConfig, device, d: Dist, progress: ProgressFn, t_
                                 train_windows=feed.train_windows, world_size=d.world_size,
                                 cuda=device.type == "cuda", resumed=request.resumed,
                                 latest=latest_step(log.work) if d.main else None)
+    if store_run:  # the tables' stores, at the resumed checkpoint (mmap: in the run's own directory)
+        tables = TableStores.open(ts=ts, plan=spec.plan, model_config=spec.config, work=log.work,
+                                  resumed=request.resumed, batches=feed.batches, d=d, device=device)
+        optimizers.row_tables = tables
+        model.attach_stores(tables.stores)                  # evaluation reads the stores directly
     return Trainer(request=request, data=data, spec=spec, budget=budget, feed=feed, model=model,
                    optimizers=optimizers, log=log, checkpointer=checkpointer, d=d, device=device,
                    start_step=start_step, progress=progress, t_start=t_start)
@@ -268,6 +282,8 @@ class Trainer:
             raise
         finally:
             log.close()
+            if self.optimizers.row_tables is not None:
+                self.optimizers.row_tables.close()
         return self.finish(meter)
 
     def train_step(self, step_index: int) -> StepStats:
@@ -275,6 +291,8 @@ class Trainer:
         step, opt = step_index + 1, self.optimizers
         lr = opt.schedule(step_index)                                # warmup, then cosine
         x, c, y = self.feed.train_batch(step_index)                  # (B / world, T) each
+        if opt.row_tables is not None:                               # a store run: the step's rows, gathered
+            opt.row_tables.bind(self.model, step_index)
         with autocast(self.device):
             o = self.model(x, canonical_ids=c, targets=y)            # canonical ids are ignored without Engram
         lm_loss, aux_loss = rank_mean([o.lm_loss, o.aux_loss], self.d)
@@ -285,7 +303,7 @@ class Trainer:
         gnorm = opt.reduce_and_clip(self.d)                          # averaged over the ranks; dense ones clipped
         if not math.isfinite(gnorm):
             self._nan_error("gradient norm", step)
-        opt.step()                                                   # AdamW, then SparseAdam on the looked-up rows
+        opt.step(step)                                               # AdamW, then the looked-up table rows
         return StepStats(lm_loss=lm_loss, aux_loss=aux_loss, grad_norm=gnorm, lr=lr)
 
     def evaluate(self) -> float:
@@ -306,9 +324,12 @@ class Trainer:
         """An atomic checkpoint of everything needed to continue bit for bit (rank 0 writes;
         every rank waits for it). Returns its path on rank 0."""
         path = None
+        tables = self.optimizers.row_tables
         if self.d.main:
-            path = self.checkpointer.save(self.log, step, self.model, self.optimizers, last_metrics)
+            path = self.checkpointer.save(self.log, step, self.model, self.optimizers, last_metrics, tables)
         barrier(self.d)
+        if tables is not None:  # committed: the rows in its deltas are clean now
+            tables.committed(step)
         return path
 
     def finish(self, meter: Meter) -> TrainResult:
