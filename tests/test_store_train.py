@@ -178,6 +178,28 @@ def test_readers_see_the_same_rows_as_a_memory_store(runs):
     assert loss[0] == loss[1]
 
 
+def test_serving_dtype_quantizes_a_store_runs_rows(runs):
+    """eval --table-dtype on a store run reads the rows through the quantizer (nothing silently
+    unquantized): the logits equal those of a memory store holding the quantized rows."""
+    from engram_cli.model.quant import quantize_dequantize, quantized_tables
+
+    r = load_run(runs["memory"])
+    spec = store_specs(r.plan, r.model_config, 0, "adam")[1]
+    rows = np.arange(spec.rows, dtype=np.int64)
+    q = memory_store(spec)
+    q.scatter(rows, quantize_dequantize(torch.from_numpy(run_stores(r)[1].gather(rows)), "fp8-e4m3").numpy())
+    x = torch.from_numpy(r.to_model_ids(np.arange(64).reshape(2, 32) + 100))
+    c = torch.from_numpy(r.vocab.table[np.arange(64).reshape(2, 32) + 100].astype(np.int64))
+    with torch.no_grad():
+        plain = r.model(x, canonical_ids=c).logits
+        with quantized_tables(r.model, "fp8-e4m3"):
+            quantized = r.model(x, canonical_ids=c).logits
+        assert torch.equal(r.model(x, canonical_ids=c).logits, plain)  # the stores' rows are back
+        r.model.attach_stores({1: q})
+        want = r.model(x, canonical_ids=c).logits
+    assert not torch.equal(quantized, plain) and torch.equal(quantized, want)
+
+
 def test_a_tampered_delta_or_store_header_is_refused(tmp_path, runs):
     import shutil
 

@@ -113,8 +113,9 @@ def initial_rows(run: LoadedRun, layer_id: int, row_slice: slice) -> np.ndarray:
     seed = int(run.config.get("train", {}).get("seed", 0))
     if run.store_backed:
         rows = np.arange(run.plan.total_slots(layer_id), dtype=np.int64)[row_slice]
-        return store_mod.initial_rows(seed, layer_id, rows, run.plan.embed_dim_per_head,
-                                      float(run.model_config.init_std))
+        dim = run.plan.embed_dim_per_head
+        return store_mod.initial_rows(seed, layer_id, rows, dim, float(run.model_config.init_std),
+                                      store_mod.page_rows(dim))  # the block size of a run's stores (runs.store_specs)
     key = (str(Path(run.run_dir).resolve()), run.manifest.get("plan", {}).get("sha256"), seed)
     if key not in _INITIAL:
         _INITIAL.clear()

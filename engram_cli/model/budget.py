@@ -29,7 +29,7 @@ import torch
 
 from engram_cli.core.errors import ConfigError
 from engram_cli.model.config import ModelConfig
-from engram_cli.model.store import BLOCK_ROWS
+from engram_cli.model.store import page_rows
 from engram_cli.tables.plan import TablePlan, make_plan, vocab_fields
 from engram_cli.tables.sizing import mmap_advised, ram_available, table_train_bytes
 
@@ -184,7 +184,7 @@ TABLE_STORES = ("module", "memory", "mmap")
 
 
 def table_store_bytes(plan: TablePlan | None, table_store: str = "module", table_optimizer: str = "adam",
-                      tokens: int = 0, steps: int | None = None, block_rows: int = BLOCK_ROWS) -> dict[str, int]:
+                      tokens: int = 0, steps: int | None = None, block_rows: int | None = None) -> dict[str, int]:
     """What the Engram tables take in training, by where they live: ``ram`` (bytes this process
     holds), ``disk`` (the full size of the store's sparse files; 0 in RAM) and ``disk_expected``
     (``mmap``: the disk the first ``steps`` steps are expected to materialize under uniform
@@ -194,7 +194,7 @@ def table_store_bytes(plan: TablePlan | None, table_store: str = "module", table
     row-wise Adagrad D x 4 + 4). ``mmap``: only a step's working set — at most ``tokens`` x heads
     rows per layer, their values and state twice (the step's and the prefetched next step's) and
     their gradient; the rest is page cache, which the kernel reclaims. A block of ``block_rows``
-    rows is materialized (initialized and given disk) on its first touch: a run of ``steps``
+    rows (default: a page of rows, as a run's stores use) is materialized (initialized and given disk) on its first touch: a run of ``steps``
     steps of ``tokens`` x heads lookups per layer touches ``1 - exp(-lookups / blocks)`` of a
     layer's blocks.
     """
@@ -206,6 +206,7 @@ def table_store_bytes(plan: TablePlan | None, table_store: str = "module", table
     if table_store != "mmap":
         return {"ram": full["total"], "disk": 0, "disk_expected": 0}
     per_row = full["total"] // plan.total_slots_all               # values + state, bytes
+    block_rows = block_rows or page_rows(plan.embed_dim_per_head)
     dim_bytes = 4 * plan.embed_dim_per_head
     ram = disk_expected = 0
     for layer in plan.layer_ids:
@@ -296,7 +297,7 @@ def check_train_memory(config: ModelConfig, plan: TablePlan | None, batch_size: 
             raise ConfigError(
                 f"the Engram tables' row store is expected to take about {gib(store['disk_expected'])} on disk "
                 f"in {steps:,} steps (of {gib(store['disk'])} in full: rows and {table_optimizer} state, "
-                f"materialized by blocks of {BLOCK_ROWS} rows as they are touched) but {store_dir} has "
+                f"materialized by blocks of {page_rows(plan.embed_dim_per_head)} rows as they are touched) but {store_dir} has "
                 f"{gib(free)} free", "free disk space, put the run on a larger disk, train fewer steps, "
                 "or use smaller tables (or --set train.table_optimizer=rowwise-adagrad: 4 bytes of state a row)")
         if free is not None and store["disk"] > free and warnings is not None:

@@ -133,20 +133,26 @@ def head_quantization_errors(weight: torch.Tensor, head_sizes: list[int], dtype:
 
 @contextmanager
 def quantized_tables(model, dtype: str) -> Iterator[None]:
-    """Inside the block, every Engram table of ``model`` (``model.engram_table_parameters()``)
-    holds its rows at ``dtype`` (quantized and dequantized); the trained rows come back after it,
-    bit for bit, also when the block raises."""
+    """Inside the block, every Engram table of ``model`` holds its rows at ``dtype`` (quantized
+    and dequantized): the parameters of ``nn.Embedding`` tables are replaced and the trained rows
+    come back after it, bit for bit, also when the block raises; tables in row stores are read
+    through the quantizer (the stores are not written)."""
     check_table_dtype(dtype)
     params = model.engram_table_parameters()
     saved = [p.data for p in params]
+    stored = [t for t in model.engram_tables().values() if t.store_backed]
     try:
         with torch.no_grad():
             for p in params:
                 p.data = quantize_dequantize(p.data, dtype).to(p.dtype)
+        for t in stored:
+            t.read_transform = lambda rows: quantize_dequantize(rows, dtype).to(rows.dtype)
         yield
     finally:
         for p, d in zip(params, saved):
             p.data = d
+        for t in stored:
+            t.read_transform = None
 
 
 def _groups(x: torch.Tensor) -> torch.Tensor:

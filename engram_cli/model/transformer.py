@@ -139,6 +139,7 @@ class MultiHeadEmbedding(nn.Module):
         self.embedding = None if store_backed else nn.Embedding(self.rows, dim, sparse=True)
         self.store = None      # RowStore to read from (store-backed, reading); see attach
         self.working = None    # (rows (k, D), local (B, T, H)) of the current step; see bind
+        self.read_transform = None  # applied to rows read from the store (e.g. quant.quantized_tables)
 
     @property
     def store_backed(self) -> bool:
@@ -172,6 +173,8 @@ class MultiHeadEmbedding(nn.Module):
         flat = (slots + self.offsets).cpu().numpy()
         uniq, local = np.unique(flat.reshape(-1), return_inverse=True)
         rows = torch.from_numpy(self.store.gather(uniq.astype(np.int64)))  # (k, D)
+        if self.read_transform is not None:
+            rows = self.read_transform(rows)
         return rows[torch.from_numpy(local.reshape(flat.shape))].to(slots.device)
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from engram_cli.core.artifacts import check_schema, read_json, read_manifest, sha256_file
 from engram_cli.core.errors import ArtifactError
 from engram_cli.model.config import ModelConfig
-from engram_cli.model.store import RowStore, StoreSpec, layer_prefix, memory_store, open_store
+from engram_cli.model.store import RowStore, StoreSpec, layer_prefix, memory_store, open_store, page_rows
 from engram_cli.model.transformer import EngramModel
 from engram_cli.tables.plan import TablePlan
 from engram_cli.train.checkpoint import Checkpoint, latest_step, read_checkpoint
@@ -178,7 +178,8 @@ def store_specs(plan: TablePlan, model_config: ModelConfig, seed: int, table_opt
     dim = plan.embed_dim_per_head
     state = make_row_optimizer(table_optimizer).state_spec(dim)
     return {layer: StoreSpec(layer_id=layer, rows=plan.total_slots(layer), dim=dim, seed=int(seed),
-                             init_std=float(model_config.init_std), state=state, plan_fingerprint=fp)
+                             init_std=float(model_config.init_std), state=state, plan_fingerprint=fp,
+                             block_rows=page_rows(dim))
             for layer in plan.layer_ids}
 
 

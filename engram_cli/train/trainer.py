@@ -132,7 +132,11 @@ def build_trainer(config: TrainConfig, device, d: Dist, progress: ProgressFn, t_
     data = load_train_data(request, inputs, d, progress)    # token stream (cached), split, sub-vocabulary
     spec = ModelSpec.choose(request, inputs, data)          # model config + table plan (--allocation or the tables')
     # a run that cannot fit fails here, with the estimate, before anything big is allocated
-    check_train_memory(spec.config, spec.plan, ts.batch_size, d.world_size, device.type)
+    store_kind = ts.table_store if spec.plan is not None else "module"
+    memory_warnings: list[str] = []
+    check_train_memory(spec.config, spec.plan, ts.batch_size, d.world_size, device.type, table_store=store_kind,
+                       table_optimizer=ts.table_optimizer, store_dir=request.out, steps=ts.steps,
+                       warnings=memory_warnings)
     # batches before anything is written: too small a corpus fails here
     feed = BatchFeed(Batches(data, block_size=spec.config.block_size, batch_size=ts.batch_size, seed=ts.seed,
                              rank=d.rank, world_size=d.world_size), device, ts.eval_batches)
@@ -169,9 +173,11 @@ def build_trainer(config: TrainConfig, device, d: Dist, progress: ProgressFn, t_
                                   resumed=request.resumed, batches=feed.batches, d=d, device=device)
         optimizers.row_tables = tables
         model.attach_stores(tables.stores)                  # evaluation reads the stores directly
-    return Trainer(request=request, data=data, spec=spec, budget=budget, feed=feed, model=model,
-                   optimizers=optimizers, log=log, checkpointer=checkpointer, d=d, device=device,
-                   start_step=start_step, progress=progress, t_start=t_start)
+    trainer = Trainer(request=request, data=data, spec=spec, budget=budget, feed=feed, model=model,
+                      optimizers=optimizers, log=log, checkpointer=checkpointer, d=d, device=device,
+                      start_step=start_step, progress=progress, t_start=t_start)
+    trainer.warnings.extend(memory_warnings)  # e.g. an mmap store whose full size exceeds the free disk
+    return trainer
 
 
 # ---------------------------------------------------------------------------------------------
