@@ -285,3 +285,25 @@ def test_inspect_tables_reads_a_store_run(runs):
         assert np.array_equal(w[~upd], w0[~upd]) and (np.linalg.norm(w[upd] - w0[upd], axis=1) > 0).all()
         with I.TableRows(r) as t:
             assert t.shape(1) == w.shape and np.array_equal(t.read(1, 5, 17), w[5:17])
+
+
+# ---------------------------------------------------------------------------------------------
+# on a GPU: the working set goes host -> device from pinned memory on a side stream
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_cuda_store_runs_memory_mmap_and_prefetch_agree(tmp_path, tiny_tables):
+    """On CUDA (bf16 autocast, the side-stream copy) memory == mmap and prefetch on == off, bit for
+    bit, and the run learns like the module path does."""
+    out = {}
+    for name, extra in (("memory", ["train.table_store=memory"]), ("mmap", ["train.table_store=mmap"]),
+                        ("noprefetch", ["train.table_store=memory", "train.prefetch=false"]),
+                        ("module", ["train.table_store=module"])):
+        run(tmp_path / name, tiny_tables, *extra, device="cuda")
+        out[name] = metrics(tmp_path / name)
+    assert out["memory"] == out["mmap"] == out["noprefetch"] and len(out["memory"]) == 6
+    ra, rb = all_rows(tmp_path / "memory"), all_rows(tmp_path / "mmap")
+    assert all(np.array_equal(ra[k], rb[k]) for k in ra)
+    first, last = out["memory"][0][1], out["memory"][-1][1]  # (step, loss, ...)
+    assert last < first and abs(last - out["module"][-1][1]) < 0.5  # same distribution of inits, same schedule

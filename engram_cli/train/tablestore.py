@@ -66,6 +66,10 @@ class TableStores:
         self._submitted: int | None = None  # the step index whose working set the prefetcher prepares
         self._sets: dict[int, LayerWorkingSet] = {}
         self._bound: dict[int, torch.Tensor] = {}
+        # CUDA: the working set goes host -> device from pinned memory on a side stream (the
+        # paper's design); the pinned buffers live until the copy is done (the next bind)
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pinned: list[torch.Tensor] = []
         self._pending_chain: list[dict[str, Any]] | None = None  # the chain of the checkpoint being written
 
     @classmethod
@@ -118,12 +122,31 @@ class TableStores:
         per = self.batches.B // self.batches.world
         lo = self.batches.rank * per
         working = {}
+        if self._copy_stream is not None:  # the previous step's copies finished long ago: free their buffers
+            self._copy_stream.synchronize()
+            self._pinned = []
         for layer, ws in self._sets.items():
-            rows = torch.from_numpy(ws.values.copy()).to(self.device).requires_grad_(True)
-            local = torch.from_numpy(np.ascontiguousarray(ws.local[lo:lo + per])).to(self.device)
+            rows = self._to_device(ws.values).requires_grad_(True)
+            local = self._to_device(np.ascontiguousarray(ws.local[lo:lo + per]))
             working[layer] = (rows, local)
             self._bound[layer] = rows
+        if self._copy_stream is not None:  # the compute stream waits for the copies, nothing more
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+            for rows, local in working.values():
+                rows.record_stream(torch.cuda.current_stream(self.device))
+                local.record_stream(torch.cuda.current_stream(self.device))
         model.bind_working_set(working)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A copy of ``array`` on the run's device: on CUDA through a pinned buffer and the side
+        stream (asynchronous to the host); on the CPU a plain copy (the store may change the
+        gathered array's rows later)."""
+        if self._copy_stream is None:
+            return torch.from_numpy(array.copy())
+        host = torch.from_numpy(array).pin_memory()
+        self._pinned.append(host)
+        with torch.cuda.stream(self._copy_stream):
+            return host.to(self.device, non_blocking=True)
 
     def grads(self, model) -> dict[int, np.ndarray]:
         """Unbind; each layer's working-set gradient (k, D), averaged over the ranks."""
