@@ -18,10 +18,9 @@ Four parts (``--part``, default all but ``train``'s inputs must be given for it 
 * ``state``: optimizer state bytes per row of each row optimizer at ``--dim``.
 * ``checkpoint``: a ``--ckpt-rows`` (default 1B) row ``mmap`` table, ``--ckpt-steps`` (50) steps of
   the study's lookups (32 x 128 tokens x 8 heads), then one delta checkpoint: its bytes and time
-  next to the table's full size and the disk the store actually uses (st_blocks). Mind the disk:
-  blocks of 1,024 rows materialize on first touch, so 50 steps of 32k lookups touch ~80% of a
-  1B-row table's blocks (~150 GB at D = 16 with Adam); the script refuses to start when the free
-  space under ``--dir`` is below the expected use.
+  next to the table's full size and the disk the store actually uses (st_blocks). Blocks of one
+  page of rows (as a run's stores) materialize on first touch; the script refuses to start when
+  the free space under ``--dir`` is below the expected use.
 
 One Engram layer's table of ``--rows`` x ``--dim`` float32 (engram_cli.model.store), each backend
 in turn; the mmap file lies in ``--dir`` (default: a temp directory) and is warmed first, so the
@@ -64,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from engram_cli.model.store import BLOCK_ROWS, StoreSpec, make_store, store_files  # noqa: E402
+from engram_cli.model.store import StoreSpec, make_store, page_rows, store_files  # noqa: E402
 from engram_cli.train.deltas import write_delta  # noqa: E402
 from engram_cli.train.rowopt import ROW_OPTIMIZERS, make_row_optimizer  # noqa: E402
 
@@ -215,12 +214,13 @@ def state_part(args) -> None:
 def checkpoint_part(args) -> None:
     opt = make_row_optimizer(args.optimizer)
     rows, dim, lookups = args.ckpt_rows, args.dim, args.lookups
+    block = page_rows(dim)  # as a run's stores (train.runs.store_specs)
     spec = StoreSpec(layer_id=1, rows=rows, dim=dim, seed=0, init_std=0.02, state=opt.state_spec(dim),
-                     plan_fingerprint="bench")
+                     plan_fingerprint="bench", block_rows=block)
     per_row = 4 * dim + opt.state_bytes_per_row(dim)
-    blocks = -(-rows // BLOCK_ROWS)
+    blocks = -(-rows // block)
     touched = -math.expm1(-args.ckpt_steps * lookups / blocks)  # uniform hashing (as budget.table_store_bytes)
-    expected = min(rows, math.ceil(touched * blocks) * BLOCK_ROWS) * per_row
+    expected = min(rows, math.ceil(touched * blocks) * block) * per_row
     base = Path(args.dir or tempfile.gettempdir())
     free = shutil.disk_usage(base).free
     print(f"table {rows:,} rows x {dim} float32 + {args.optimizer} state ({per_row} bytes/row, "
