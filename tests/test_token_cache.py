@@ -222,3 +222,22 @@ def test_cli_cache_dir_and_its_bad_input(tmp_path, vocab_dir):
     one_red_line(runner.invoke(app, [*args, "--out", str(tmp_path / "u"), "--cache-dir", str(tmp_path / "file")]),
                  "is a file, not a directory", "--cache-dir")
     assert not (tmp_path / "u").exists()
+
+
+def test_writer_stream_is_what_np_save_writes(tmp_path):
+    """The writer puts its header first and fixes it at commit: the file is np.save's, byte for byte,
+    whether the batches come as documents or concatenated with their lengths."""
+    import io
+
+    docs = [np.array([5, 6, 7], np.int32), np.array([], np.int32), np.array([8], np.int32)]
+    with TokenCacheWriter(tmp_path / "c", "a" * 64, 1, "tok") as w:
+        w.add(docs)
+        w.add_concatenated(np.array([9, 10, 11], np.int64), np.array([2, 0, 1]))
+        w.add([])
+        cache = w.commit(CorpusStats())
+    expected = np.array([5, 6, 7, 1, 8, 1, 9, 10, 1, 11, 1], np.int32)
+    buf = io.BytesIO()
+    np.save(buf, expected)
+    assert (cache.path / "stream.npy").read_bytes() == buf.getvalue()
+    assert cache.stream.shape[0] == expected.shape[0]
+    assert cache.documents == 4

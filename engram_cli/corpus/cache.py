@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -142,7 +143,7 @@ def find_token_cache(cache_dir: str | os.PathLike, key: str) -> TokenCache | Non
     return _open_entry(entry_path(cache_dir, key), key) if cache_dir.is_dir() else None
 
 
-def _open_entry(entry: Path, key: str) -> TokenCache | None:
+def _open_entry(entry: Path, key: str, known_sha256: str | None = None) -> TokenCache | None:
     meta_path = entry / CACHE_META
     if not meta_path.is_file():
         return None
@@ -155,7 +156,8 @@ def _open_entry(entry: Path, key: str) -> TokenCache | None:
             or meta.get("key") != key or stream.dtype != np.int32 or stream.ndim != 1 \
             or stream.shape[0] != meta.get("tokens"):
         return None
-    if verify_hashes_default() and sha256_file(entry / STREAM_FILE) != meta.get("stream_sha256"):
+    if (known_sha256 is None or meta.get("stream_sha256") != known_sha256) and verify_hashes_default() \
+            and sha256_file(entry / STREAM_FILE) != meta.get("stream_sha256"):
         return None  # edited in place: rebuilt
     return TokenCache(path=entry, key=key, stream=stream, documents=int(meta["documents"]),
                       eos_id=int(meta["eos_id"]), hit=True, stats=meta.get("corpus_stats", {}))
@@ -166,10 +168,13 @@ class TokenCacheWriter:
     whoever tokenizes the corpus (:func:`load_or_build_token_cache`, or ``engram build-tables``
     while it counts) fills the cache in the same pass, without holding the corpus in memory.
 
-    The ids go to a raw file in a temp directory beside the entry; :meth:`commit` wraps them in a
-    ``.npy`` header, writes ``meta.json`` and renames the directory into place. Leaving the
-    ``with`` block without a commit (an error, an interrupt) removes the temp directory: no partial
-    entry is ever visible under the entry's name.
+    The ids go straight into ``stream.npy`` in a temp directory beside the entry, behind a
+    ``.npy`` header written for an empty stream; :meth:`commit` rewrites the header in place for
+    the final length (NumPy pads the header so that the shape can grow: its size does not change),
+    hashes the file once, writes ``meta.json`` and renames the directory into place. The file is
+    byte for byte what ``np.save`` writes for the same array (tested). Leaving the ``with`` block
+    without a commit (an error, an interrupt) removes the temp directory: no partial entry is ever
+    visible under the entry's name.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, key: str, eos_id: int, tokenizer_fp: str) -> None:
@@ -179,8 +184,10 @@ class TokenCacheWriter:
         self._made_dir = not self.entry.parent.exists()  # removed again if nothing is committed
         self.entry.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = make_temp_dir(self.entry)
-        self._raw = self._tmp / "stream.raw"
-        self._file = open(self._raw, "wb")  # noqa: SIM115 - closed by commit / close
+        self._stream = self._tmp / STREAM_FILE
+        self._file = open(self._stream, "wb")  # noqa: SIM115 - closed by commit / close
+        self._header = _npy_header(0)
+        self._file.write(self._header)
 
     def __enter__(self) -> TokenCacheWriter:
         return self
@@ -191,38 +198,54 @@ class TokenCacheWriter:
     def add(self, docs: list[np.ndarray]) -> None:
         """Append one batch of documents (ORIGINAL ids each), every non-empty one followed by the
         end-of-document id; an empty document adds nothing (as it adds no separator when counted)."""
-        parts: list[np.ndarray] = []
-        eos = np.array([self.eos_id], dtype=np.int32)
-        for ids in docs:
-            if len(ids) == 0:
-                continue
-            parts += [np.asarray(ids, dtype=np.int32), eos]
-            self.tokens += len(ids) + 1
-            self.documents += 1
-        if parts:
-            self._file.write(np.concatenate(parts).tobytes())
+        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+        flat = np.concatenate([np.asarray(d, dtype=np.int32) for d in docs]) if docs else np.zeros(0, np.int32)
+        self.add_concatenated(flat, lengths)
+
+    def add_concatenated(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """:meth:`add` for a batch given as its documents' ids one after another and each
+        document's length (what build-tables has at hand for counting): no Python step per document."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        kept = lengths[lengths > 0]
+        if not kept.shape[0]:
+            return
+        out = np.empty(ids.shape[0] + kept.shape[0], dtype=np.int32)   # (tokens + documents,)
+        eos_at = np.cumsum(kept + 1) - 1                               # each document's end, shifted
+        is_id = np.ones(out.shape[0], dtype=bool)
+        is_id[eos_at] = False
+        out[is_id] = ids
+        out[eos_at] = self.eos_id
+        self._file.write(out.astype("<i4", copy=False).tobytes())
+        self.tokens += out.shape[0]
+        self.documents += kept.shape[0]
 
     def commit(self, stats: CorpusStats) -> TokenCache:
         """Finish the entry (``stats``: the corpus reading figures of the pass) and return it."""
+        header = _npy_header(self.tokens)
+        if len(header) != len(self._header):  # pragma: no cover - NumPy pads the header for growth
+            raise ArtifactError(f"cannot finish the token cache header for {self.tokens} tokens",
+                                "report this (NumPy's .npy header changed size)")
+        self._file.seek(0)
+        self._file.write(header)
         self._file.close()
-        _raw_to_npy(self._raw, self._tmp / STREAM_FILE, self.tokens)
-        self._raw.unlink()
         meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": self.key, "tokens": self.tokens,
-                "stream_sha256": sha256_file(self._tmp / STREAM_FILE),
+                "stream_sha256": sha256_file(self._stream),
                 "documents": self.documents, "eos_id": self.eos_id, "tokenizer": self.tokenizer_fp,
                 "corpus_stats": stats.to_dict()}
         atomic_write_json(self._tmp / CACHE_META, meta)
         fsync_tree(self._tmp)
-        entry = self.entry
+        entry, ours = self.entry, None
         if _open_entry(entry, self.key) is None:  # else another process finished the same entry first
             try:
                 swap_in(self._tmp, entry)  # (replacing a damaged entry in the way)
+                ours = meta["stream_sha256"]
             except OSError:  # another process's entry landed between our renames
                 shutil.rmtree(entry.with_name(f".{entry.name}.new-{os.getpid()}"), ignore_errors=True)
                 if _open_entry(entry, self.key) is None:
                     raise
         self.close()
-        cached = _open_entry(entry, self.key)
+        # read back; the stream's hash is not computed again where it is the file just hashed
+        cached = _open_entry(entry, self.key, known_sha256=ours)
         if cached is None:  # pragma: no cover - only if the file system lost what we just wrote
             raise ArtifactError(f"token cache entry {entry} could not be read back", "check the --cache-dir disk")
         cached.hit = False
@@ -237,6 +260,14 @@ class TokenCacheWriter:
             if self._made_dir:
                 with contextlib.suppress(OSError):  # not empty: another writer's entry is there
                     self.entry.parent.rmdir()
+
+
+def _npy_header(n: int) -> bytes:
+    """The ``.npy`` header of an int32 array of shape (n,), as ``np.save`` writes it."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype("<i4")),
+                                               "fortran_order": False, "shape": (n,)})
+    return buf.getvalue()
 
 
 def iter_cached_documents(cache: TokenCache, chunk_tokens: int = 1 << 23) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -273,16 +304,3 @@ def splits_into_documents(cache: TokenCache, chunk_tokens: int = 1 << 23) -> boo
     found = sum(int(np.count_nonzero(np.asarray(s[i:i + chunk_tokens]) == cache.eos_id))
                 for i in range(0, n, chunk_tokens))
     return found == cache.documents
-
-
-def _raw_to_npy(raw: Path, out: Path, n: int) -> None:
-    """Write ``raw`` (n little-endian int32) as a .npy file without loading it whole."""
-    arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.int32, shape=(n,))
-    src = np.memmap(raw, dtype=np.int32, mode="r", shape=(n,)) if n else np.zeros(0, np.int32)
-    step = 1 << 24
-    for i in range(0, n, step):
-        arr[i:i + step] = src[i:i + step]
-    arr.flush()
-    del arr, src
-
-

@@ -354,12 +354,13 @@ def _count_corpus(config: BuildTablesConfig, tok, vocab: VocabMap, sep: tuple[in
         writer = TokenCacheWriter(cache_dir, key, sep[0], tok.fingerprint) if key and cached is None else None
         try:
             for batch in prefetch(batches):
-                if writer is not None:
-                    writer.add(batch)  # the same ids, on to the cache file
                 # one step per batch, not per document; tokenizer ids are always < vocab size, so the
                 # table is indexed without a range check
                 lengths = np.fromiter((a.shape[0] for a in batch), dtype=np.int64, count=len(batch))
-                counter.add_batch(vocab.table[np.concatenate(batch)] if batch else np.zeros(0, np.int64), lengths)
+                flat = np.concatenate(batch) if batch else np.zeros(0, np.int64)
+                if writer is not None:
+                    writer.add_concatenated(flat, lengths)  # the same ids, on to the cache file
+                counter.add_batch(vocab.table[flat], lengths)
             if stats.tokens == 0:
                 raise empty_corpus_error(spec, stats)
             if writer is not None:
