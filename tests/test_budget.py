@@ -209,10 +209,15 @@ def test_expected_disk_follows_uniform_hashing_of_blocks():
     from engram_cli.model import budget
 
     plan = tiny_template(target_sizes=(5000, 5000), layer_ids=(1,))  # one layer, ~20k rows: ~20 blocks
+    from engram_cli.model.store import page_rows
+
     per_row = 3 * plan.embed_dim_per_head * 4
-    blocks = -(-plan.total_slots_all // 1024)
+    block = page_rows(plan.embed_dim_per_head)  # a run's stores: one page of rows per block
+    blocks = -(-plan.total_slots_all // block)
     few = budget.table_store_bytes(plan, "mmap", tokens=1, steps=1)["disk_expected"]
-    assert few == math.ceil(-math.expm1(-plan.total_heads / blocks) * blocks) * 1024 * per_row  # 4 lookups
+    assert few == math.ceil(-math.expm1(-plan.total_heads / blocks) * blocks) * block * per_row  # 4 lookups
+    coarse = budget.table_store_bytes(plan, "mmap", tokens=1, steps=1, block_rows=1024)["disk_expected"]
+    assert coarse > few  # coarser blocks materialize more rows for the same lookups
     many = budget.table_store_bytes(plan, "mmap", tokens=10_000, steps=100)["disk_expected"]
     assert many == plan.total_slots_all * per_row  # every block touched: the full size, never more
 

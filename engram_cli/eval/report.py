@@ -233,7 +233,12 @@ def table_quantization_errors(run: LoadedRun, dtype: str) -> list[dict[str, Any]
     """Relative L2 and largest absolute error of every head's table of every Engram layer at ``dtype``."""
     plan, out = run.plan, []
     for layer in run.layer_ids:
-        weight = run.model.blocks[layer].engram.tables.embedding.weight
+        tables = run.model.blocks[layer].engram.tables
+        if tables.store_backed:  # a store run: its rows streamed from the store, a block at a time
+            rows = tables.store.gather
+            weight = lambda a, b, rows=rows: rows(np.arange(a, b, dtype=np.int64))  # noqa: E731
+        else:
+            weight = tables.embedding.weight
         errors = head_quantization_errors(weight, plan.head_sizes(layer), dtype)
         for h, (rel, mx) in enumerate(errors):
             out.append({"layer": layer, "head": h, "order": 2 + h // plan.n_head_per_ngram, "rel_l2": rel,

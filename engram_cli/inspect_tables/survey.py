@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from engram_cli.core.progress import ProgressFn, report
 from engram_cli.inspect_tables.ngrams import LayerNgrams, ngram_records
 from engram_cli.inspect_tables.rows import TableRows, initial_rows, updated_rows
-from engram_cli.model.quant import quantize_dequantize
+from engram_cli.model.quant import QuantError
 from engram_cli.train.runs import LoadedRun
 from engram_cli.vocab.normalize import VocabMap
 
@@ -151,25 +150,6 @@ def near_duplicates(x: np.ndarray, cosine: float) -> int:
     return int(((sim >= cosine) & (nrm > 0) & (nrm.T > 0)).any(axis=1).sum())
 
 
-class QuantError:
-    """The error of storing a table at a serving dtype, accumulated block by block of rows (each
-    row is quantized on its own, so the sums over blocks equal the whole table's)."""
-
-    def __init__(self) -> None:
-        self.err_sq = self.norm_sq = self.max_abs = 0.0
-
-    def add(self, rows: np.ndarray, dtype: str) -> None:
-        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-        diff = quantize_dequantize(x, dtype).to(torch.float64) - x.to(torch.float64)
-        self.err_sq += float((diff * diff).sum())
-        self.norm_sq += float((x.to(torch.float64) ** 2).sum())
-        self.max_abs = max(self.max_abs, float(diff.abs().max()) if diff.numel() else 0.0)
-
-    @property
-    def rel_l2(self) -> float:
-        return math.sqrt(self.err_sq / self.norm_sq) if self.norm_sq else 0.0
-
-
 def survey_layer(run: LoadedRun, table: TableRows, ln: LayerNgrams, vocab: VocabMap, *, block_rows: int,
                  top: int, sharing: int, duplicate_rows: int, duplicate_cosine: float,
                  progress: ProgressFn | None = None) -> LayerSurvey:
@@ -189,12 +169,12 @@ def survey_layer(run: LoadedRun, table: TableRows, ln: LayerNgrams, vocab: Vocab
         gram0 = np.zeros((D, D))
         lo, hi = h.offset, h.offset + h.size
         order[lo:hi] = h.n
-        quant = {dtype: QuantError() for dtype in ("bf16", "fp8-e4m3")}
+        quant = {dtype: QuantError(dtype) for dtype in ("bf16", "fp8-e4m3")}
         for a in range(lo, hi, block_rows):
             b = min(a + block_rows, hi)
             w = table.read(layer, a, b)                           # (R, D) trained
-            for dtype, q in quant.items():  # rows quantize on their own: blocks add up exactly
-                q.add(w, dtype)
+            for q in quant.values():  # rows quantize on their own: blocks add up exactly
+                q.add(w)
             w0 = initial_rows(run, layer, slice(a, b))            # (R, D) initial
             norm[a:b] = np.linalg.norm(w, axis=1)
             move[a:b] = np.linalg.norm(w - w0, axis=1)

@@ -29,9 +29,11 @@ by the power-of-two scale is exact.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from engram_cli.core.errors import ConfigError, InputError
@@ -114,19 +116,46 @@ def quantization_error(rows: torch.Tensor, dtype: str) -> tuple[float, float]:
     """(relative L2 error, largest absolute error) of storing ``rows`` at ``dtype``:
     ``||x' - x|| / ||x||`` (0 for all-zero rows, which every dtype keeps exactly) and
     ``max |x' - x|``, computed in float64."""
-    x = rows.detach().to(torch.float64)
-    diff = quantize_dequantize(rows, dtype).to(torch.float64) - x
-    norm = float(torch.linalg.vector_norm(x))
-    err = float(torch.linalg.vector_norm(diff))
-    return (err / norm if norm else 0.0), (float(diff.abs().max()) if diff.numel() else 0.0)
+    acc = QuantError(dtype)
+    acc.add(rows)
+    return acc.rel_l2, acc.max_abs
 
 
-def head_quantization_errors(weight: torch.Tensor, head_sizes: list[int], dtype: str) -> list[tuple[float, float]]:
-    """:func:`quantization_error` of every head's table in one layer's concatenated table
-    (``weight`` (sum(head_sizes), D), heads one after another as ``TablePlan.head_offsets`` lays them)."""
+class QuantError:
+    """The error of storing rows at a serving dtype, accumulated block by block of rows: every row
+    quantizes on its own (its groups of 32 values), so the sums over blocks equal the whole table's."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.err_sq = self.norm_sq = self.max_abs = 0.0
+
+    def add(self, rows: torch.Tensor | np.ndarray) -> None:
+        x = torch.as_tensor(np.ascontiguousarray(rows)) if isinstance(rows, np.ndarray) else rows.detach()
+        x64 = x.to(torch.float64)
+        diff = quantize_dequantize(x, self.dtype).to(torch.float64) - x64
+        self.err_sq += float((diff * diff).sum())
+        self.norm_sq += float((x64 * x64).sum())
+        self.max_abs = max(self.max_abs, float(diff.abs().max()) if diff.numel() else 0.0)
+
+    @property
+    def rel_l2(self) -> float:
+        """``||x' - x|| / ||x||`` over everything added (0 for all-zero rows)."""
+        return math.sqrt(self.err_sq / self.norm_sq) if self.norm_sq else 0.0
+
+
+def head_quantization_errors(weight, head_sizes: list[int], dtype: str,
+                             block_rows: int = 1 << 16) -> list[tuple[float, float]]:
+    """:func:`quantization_error` of every head's table in one layer's concatenated table, heads one
+    after another as ``TablePlan.head_offsets`` lays them. ``weight``: the (sum(head_sizes), D)
+    rows as a tensor, or a function ``(start, stop) -> rows`` (a row store's gather), read
+    ``block_rows`` rows at a time so a table larger than memory is never held whole."""
+    read = weight if callable(weight) else (lambda a, b: weight[a:b])
     out, start = [], 0
     for size in head_sizes:
-        out.append(quantization_error(weight[start:start + size], dtype))
+        acc = QuantError(dtype)
+        for a in range(start, start + size, block_rows):
+            acc.add(read(a, min(a + block_rows, start + size)))
+        out.append((acc.rel_l2, acc.max_abs))
         start += size
     return out
 
@@ -140,7 +169,7 @@ def quantized_tables(model, dtype: str) -> Iterator[None]:
     check_table_dtype(dtype)
     params = model.engram_table_parameters()
     saved = [p.data for p in params]
-    stored = [t for t in model.engram_tables().values() if t.store_backed]
+    stored = [t for t in getattr(model, "engram_tables", dict)().values() if t.store_backed]
     try:
         with torch.no_grad():
             for p in params:

@@ -75,7 +75,8 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
 
 
 #: what a run directory holds before its first checkpoint
-_STARTED = {MANIFEST, CONFIG_FILE, METRICS_FILE, PLAN_FILE, TENSORBOARD_DIR, ckpt_mod.CKPT_DIR}
+_STARTED = {MANIFEST, CONFIG_FILE, METRICS_FILE, PLAN_FILE, TENSORBOARD_DIR, ckpt_mod.CKPT_DIR,
+            TABLES_DIR, DELTAS_DIR}  # (a store run: its mmap stores, its delta chain)
 
 
 def started_without_checkpoint(out: Path) -> bool:
