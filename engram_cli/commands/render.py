@@ -22,13 +22,10 @@ def show_token(text: str, max_len: int = 40) -> str:
 
 
 def count(x: int | None) -> str:
-    """A parameter or row count in short form: 4.68M, 10.3k, 1.20B ("–" when unknown)."""
-    if x is None:
-        return "–"
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{unit}"
-    return str(x)
+    """A parameter or row count in short form: 4.68M, 10.32k, 1.20B ("–" when unknown)."""
+    from engram_cli.core.text import short_count
+
+    return short_count(x)
 
 
 def print_json(obj: Any) -> None:

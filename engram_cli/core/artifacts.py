@@ -363,25 +363,32 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
-def _acquire(lock: Path, out: Path) -> int:
-    """flock ``lock`` without waiting; retry when the file was replaced while we locked it."""
+def lock_file(lock: Path, busy: str, hint: str) -> int:
+    """flock ``lock`` (created if missing) without waiting and write this pid into it; a lock
+    another process holds is one ArtifactError ``busy`` (with the holder's pid) + ``hint``. The
+    kernel releases it when the process dies. Returns the open descriptor (close it to unlock)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ArtifactError(f"{busy} (pid {holder})", hint) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
+
+def _acquire(lock: Path, out: Path) -> int:
+    """:func:`lock_file` for an output; retry when the file was replaced while we locked it."""
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ArtifactError(f"{out} is being written by another engram process (pid {holder})",
-                                "wait for it to finish, or choose another --out") from None
+        fd = lock_file(lock, f"{out} is being written by another engram process",
+                       "wait for it to finish, or choose another --out")
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             return fd
         os.close(fd)  # the holder removed it as we locked it: lock the new file
 

@@ -31,3 +31,13 @@ def is_cjk(ch: str) -> bool:
     cp = ord(ch)
     return (0x2E80 <= cp <= 0x9FFF or 0xAC00 <= cp <= 0xD7AF or 0xF900 <= cp <= 0xFAFF
             or 0xFE30 <= cp <= 0xFE4F or 0xFF00 <= cp <= 0xFFEF or 0x20000 <= cp <= 0x3FFFF)
+
+
+def short_count(x: float | None, unknown: str = "–") -> str:
+    """A parameter or row count in short form: 4.68M, 10.32k, 1.20B (``unknown`` for None)."""
+    if x is None:
+        return unknown
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"

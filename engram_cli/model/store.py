@@ -78,7 +78,6 @@ a concurrent scatter changes are re-read by the prefetcher (a :class:`WriteWatch
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import threading
@@ -88,7 +87,7 @@ from typing import Any
 
 import numpy as np
 
-from engram_cli.core.artifacts import atomic_write_json, read_json
+from engram_cli.core.artifacts import atomic_write_json, lock_file, read_json
 from engram_cli.core.errors import ArtifactError, ConfigError
 
 STORE_FORMAT = "engram.rowstore"
@@ -505,17 +504,8 @@ def _check_header(doc: Any, spec: StoreSpec, path: Path) -> None:
 
 
 def _lock(lock: Path, directory: Path, layer_id: int) -> int:
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise ArtifactError(f"the row store of layer {layer_id} in {directory} is being written by another "
-                            f"process (pid {holder})", "wait for it to finish, or use another run directory") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return lock_file(lock, f"the row store of layer {layer_id} in {directory} is being written by another process",
+                     "wait for it to finish, or use another run directory")
 
 
 def check_sparse_files(directory: str | os.PathLike) -> None:

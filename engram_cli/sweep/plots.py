@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from engram_cli.core import plotting
+from engram_cli.core.text import short_count
 from engram_cli.sweep.config import SINGLE_ROW_SLOTS
 from engram_cli.sweep.summary import HIGHER, LOWER, METRIC, WITHIN
 from engram_cli.train.curves import draw_losses
@@ -29,21 +30,13 @@ from engram_cli.train.run import METRICS_FILE, read_metrics
 SEED_STYLES = ("-", "--", ":", "-.")
 
 
-def _n(x: float | None) -> str:
-    if x is None:
-        return "?"
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
-
-
 def _span(values: list) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "?"
     lo, hi = min(values), max(values)
-    return _n(lo) if _n(lo) == _n(hi) else f"{_n(lo)}–{_n(hi)}"
+    a, b = short_count(lo, "?"), short_count(hi, "?")
+    return a if a == b else f"{a}–{b}"
 
 
 def _params(rows: list[dict]) -> str:
