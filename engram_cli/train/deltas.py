@@ -146,20 +146,25 @@ def read_delta(record_path: str | os.PathLike, store: RowStore) -> tuple[dict[st
     return rec, arrays
 
 
-def replay(base: RowStore, deltas: list[str | os.PathLike], *, since: int | None = None) -> RowStore:
-    """Apply ``deltas`` (record paths, oldest first) to ``base``, whose state is that of step
-    ``since`` (None: a fresh store). Every delta is verified before any is applied; the store is
-    marked clean afterwards (it now equals the last checkpoint). Returns ``base``."""
-    loaded = []
-    expect = since
+def read_chain(store: RowStore, deltas: list[str | os.PathLike], since: int | None) -> list[dict[str, np.ndarray]]:
+    """Every delta of ``deltas`` (record paths, oldest first) read and verified for ``store``, the
+    first following step ``since`` and each the one before it (none missing or out of order)."""
+    loaded, expect = [], since
     for path in deltas:
-        rec, arrays = read_delta(path, base)
+        rec, arrays = read_delta(path, store)
         if rec.get("since") != expect:
             raise ArtifactError(f"the delta {path} follows step {rec.get('since')}, but the chain is at step {expect} "
                                 "(a delta is missing or out of order)", _FIX)
         expect = rec.get("step")
         loaded.append(arrays)
-    for arrays in loaded:
+    return loaded
+
+
+def replay(base: RowStore, deltas: list[str | os.PathLike], *, since: int | None = None) -> RowStore:
+    """Apply ``deltas`` (record paths, oldest first) to ``base``, whose state is that of step
+    ``since`` (None: a fresh store). Every delta is verified before any is applied; the store is
+    marked clean afterwards (it now equals the last checkpoint). Returns ``base``."""
+    for arrays in read_chain(base, deltas, since):
         rows = arrays["rows"]
         for name in base.state_names:
             base.scatter_state(name, rows, arrays[f"state.{name}"])
@@ -176,14 +181,7 @@ def rollback(store: RowStore, deltas: list[str | os.PathLike]) -> int:
     rows of the full delta chain ``deltas`` (from a fresh store, oldest first) that fall in them
     are written again. Every other block already equals the checkpoint. Returns the blocks reset.
     """
-    loaded, expect = [], None
-    for path in deltas:  # verify the whole chain before changing a byte
-        rec, arrays = read_delta(path, store)
-        if rec.get("since") != expect:
-            raise ArtifactError(f"the delta {path} follows step {rec.get('since')}, but the chain is at step {expect} "
-                                "(a delta is missing or out of order)", _FIX)
-        expect = rec.get("step")
-        loaded.append(arrays)
+    loaded = read_chain(store, deltas, None)  # the whole chain verified before a byte changes
     spec = store.spec
     blocks = store.dirty_blocks()
     for b in blocks.tolist():
