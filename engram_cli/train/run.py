@@ -117,15 +117,6 @@ def open_out(out: Path, *, resume: bool, config_doc: dict, plan=None) -> Path:
     return work
 
 
-def read_config_doc(out: Path) -> dict[str, Any]:
-    """A run's config.json (for --resume)."""
-    try:
-        return json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        raise ArtifactError(f"{out}/{CONFIG_FILE} is missing or unreadable: cannot resume this run",
-                            "start it over with --force") from None
-
-
 def config_doc(settings, *, tables: Path, corpus: list[str], allocation: float | None, device: str,
                tokenizer: str, vocab: str, cache_dir: Path) -> dict[str, Any]:
     """config.json: the resolved ``settings`` (a :class:`~engram_cli.train.settings.Settings`)
